@@ -1,0 +1,1 @@
+"""RLKV attention backends: ``cpu`` (over CPU_ATTN) and ``cuda`` (CUSTOM / RLKV)."""

@@ -1,0 +1,279 @@
+"""Platform-independent part of the RLKV attention backend.
+
+Serve mode, per layer:
+- full heads: the platform's stock kernel on the subset of heads, over a paged
+  cache that holds only those heads (vLLM's block manager sees the smaller pages);
+- streaming heads: ring attention (``ops.torch_stream``) over fixed per-request slots.
+Gated mode: every head is paged and full; the streaming branch reads the same paged
+cache through the Lambda mask; outputs mix with alpha from a persistent buffer.
+
+The platform classes (``backends.cpu``, ``backends.cuda``) subclass the stock
+backend, so with RLKV off they behave exactly as stock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import compat
+from ..ops.torch_stream import StreamPlan, build_stream_plan, gathered_attention, ring_stream_attention, ring_write
+from ..runtime import RLKVRuntime, runtime_for
+from ..settings import RLKVConfigError
+
+
+@dataclass
+class RLKVMetadata:
+    """Per-step metadata for one attention group.
+
+    full: the stock backend's metadata for the paged (full) heads.
+    plan: streaming gather/scatter indices shared by all layers of the step.
+    block_table: [B, max_blocks] (gated mode: the streaming branch reads the paged cache).
+    """
+
+    full: Any
+    plan: StreamPlan
+    num_actual_tokens: int
+    block_table: torch.Tensor | None = None
+    _paged: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def paged_locations(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset) [T, C] of each streaming candidate key, for a kernel block size."""
+        if self._paged is None:
+            self._paged = {}
+        if block_size not in self._paged:
+            pos = self.plan.cand_pos.clamp(min=0)
+            block = self.block_table[self.plan.token_row[:, None], pos // block_size].to(torch.int64)
+            self._paged[block_size] = (block, pos % block_size)
+        return self._paged[block_size]
+
+
+def _decoder_type() -> str:
+    from vllm.v1.attention.backend import AttentionType
+
+    return AttentionType.DECODER
+
+
+class RLKVImplMixin:
+    """Mixed into a subclass of the platform's stock AttentionImpl."""
+
+    rlkv_runtime: RLKVRuntime | None = None
+
+    # -------------------------------------------------------------- platform API
+    def _paged_gather(self, kv_cache: torch.Tensor, md: RLKVMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [T, C, H, D] of each streaming candidate key, from this platform's paged layout."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ set-up
+    def _rlkv_setup(self, args: tuple, kwargs: dict) -> None:
+        """Called at the end of __init__ with the stock constructor arguments."""
+        cfg = compat.current_vllm_config()
+        self.rlkv_runtime = None
+        self._rlkv_layer: int | None = None
+        if not compat.config_selects_rlkv(cfg):
+            return
+        names = (
+            "num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes", "sliding_window",
+            "kv_cache_dtype", "logits_soft_cap", "attn_type", "kv_sharing_target_layer_name",
+        )
+        given = dict(zip(names, args))
+        given.update(kwargs)
+        if given.get("attn_type", _decoder_type()) != _decoder_type():
+            return  # encoder / cross attention keeps the stock path
+        problems = []
+        if given.get("alibi_slopes") is not None:
+            problems.append("ALiBi")
+        if given.get("sliding_window") is not None:
+            problems.append("sliding-window attention")
+        if given.get("logits_soft_cap"):
+            problems.append("logit soft-capping")
+        if given.get("sinks") is not None:
+            problems.append("learned attention sinks")
+        if given.get("kv_sharing_target_layer_name"):
+            problems.append("cross-layer KV sharing")
+        if problems:
+            raise RLKVConfigError(
+                f"model attention uses {', '.join(problems)}, which RLKV does not support; "
+                "allowed: plain causal (GQA/MHA) attention"
+            )
+        self._rlkv_stock_kwargs = given
+        self.rlkv_runtime = runtime_for(cfg)
+        self.rlkv_runtime.ensure_ring()
+
+    def _make_inner_impl(self, num_heads: int, num_kv_heads: int) -> Any:
+        """A stock impl for a subset of heads (built inside the engine's config context)."""
+        from vllm.config import set_current_vllm_config
+
+        kw = dict(self._rlkv_stock_kwargs)
+        kw.update(num_heads=num_heads, num_kv_heads=num_kv_heads)
+        stock_cls = self._rlkv_stock_impl_cls()
+        with set_current_vllm_config(self.rlkv_runtime.vllm_config):
+            return stock_cls(**kw)
+
+    @classmethod
+    def _rlkv_stock_impl_cls(cls) -> type:
+        for base in cls.__mro__[1:]:
+            if base is not RLKVImplMixin and not issubclass(base, RLKVImplMixin) and hasattr(base, "forward"):
+                return base
+        raise TypeError("no stock impl base class")
+
+    def rlkv_bind(self, layer: Any) -> None:
+        """Learn this impl's layer (from its name) and build the head split."""
+        if self._rlkv_layer is not None or self.rlkv_runtime is None:
+            return
+        rt = self.rlkv_runtime
+        idx = compat.extract_layer_index(layer.layer_name)
+        split = rt.plan.layers[idx]
+        g = self.num_heads // self.num_kv_heads
+        dev = rt.device
+
+        def q_of(kv: tuple[int, ...]) -> torch.Tensor:
+            return torch.tensor([h * g + i for h in kv for i in range(g)], dtype=torch.long, device=dev)
+
+        if rt.serve:
+            full, stream = split.full, split.stream
+            self._paged_slots = max(1, split.paged_slots)
+        else:
+            full, stream = tuple(range(self.num_kv_heads)), ()
+            self._paged_slots = self.num_kv_heads
+        self._group = g
+        self._full_kv = torch.tensor(full, dtype=torch.long, device=dev)
+        self._full_q = q_of(full)
+        self._stream_kv = torch.tensor(stream, dtype=torch.long, device=dev)
+        self._stream_q = q_of(stream)
+        self._n_full, self._n_stream = len(full), len(stream)
+        self._all_full = self._n_full == self.num_kv_heads
+        self._pad = self._paged_slots - self._n_full if self._n_full else 0
+        self._inner = (
+            self._make_inner_impl(self._paged_slots * g, self._paged_slots) if self._n_full else None
+        )
+        if rt.serve and self._n_stream:
+            ring = rt.ensure_ring()
+            self._ring_k, self._ring_v = ring.k[idx], ring.v[idx]
+        self._rlkv_layer = idx
+
+    def rlkv_adjust_kv_spec(self, layer: Any, spec: Any) -> Any:
+        """Called through the compat wrapper of Attention.get_kv_cache_spec."""
+        if self.rlkv_runtime is None:
+            return spec
+        self.rlkv_bind(layer)
+        if not self.rlkv_runtime.serve:
+            return spec
+        return compat.reduce_kv_spec(spec, self._paged_slots)
+
+    # ------------------------------------------------------------- head views
+    def _full_heads(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if self._all_full:
+            return x
+        y = x.index_select(1, idx)
+        if self._pad:
+            per = x.shape[1] // self.num_kv_heads
+            y = torch.cat([y, y.new_zeros(y.shape[0], self._pad * per, *y.shape[2:])], dim=1)
+        return y
+
+    # ---------------------------------------------------------------- forward
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):  # type: ignore[no-untyped-def]
+        if self.rlkv_runtime is None:
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        self.rlkv_bind(layer)
+        if self._inner is None:
+            return None
+        return self._inner.do_kv_cache_update(
+            layer, self._full_heads(key, self._full_kv), self._full_heads(value, self._full_kv),
+            kv_cache, slot_mapping,
+        )
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self.rlkv_runtime is None:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        if attn_metadata is None:
+            return output  # profiling warm-up
+        for extra in ("output_scale", "output_block_scale"):
+            if kwargs.get(extra) is not None:
+                raise NotImplementedError(f"RLKV does not support fused output quantization ({extra})")
+        self.rlkv_bind(layer)
+        md: RLKVMetadata = attn_metadata
+        n = md.num_actual_tokens
+        q, k, v = query[:n], key[:n], value[:n]
+        out = output[:n]
+        if self.rlkv_runtime.serve:
+            self._forward_serve(layer, q, k, v, kv_cache, md, out)
+        else:
+            self._forward_gated(layer, q, k, v, kv_cache, md, out)
+        return output
+
+    def _forward_full(self, layer, q, k, v, kv_cache, md, out) -> None:  # type: ignore[no-untyped-def]
+        if self._all_full:
+            self._inner.forward(layer, q, k, v, kv_cache, md.full, out)
+            return
+        qf = self._full_heads(q, self._full_q)
+        of = torch.empty_like(qf)
+        self._inner.forward(
+            layer, qf, self._full_heads(k, self._full_kv), self._full_heads(v, self._full_kv),
+            kv_cache, md.full, of,
+        )
+        out[:, self._full_q] = of[:, : self._n_full * self._group]
+
+    def _forward_serve(self, layer, q, k, v, kv_cache, md, out) -> None:  # type: ignore[no-untyped-def]
+        if self._n_full:
+            self._forward_full(layer, q, k, v, kv_cache, md, out)
+        if not self._n_stream:
+            return
+        t, g, d = q.shape[0], self._group, q.shape[-1]
+        qs = q.index_select(1, self._stream_q).view(t, self._n_stream, g, d)
+        ks = k.index_select(1, self._stream_kv)
+        vs = v.index_select(1, self._stream_kv)
+        os_ = torch.empty(t, self._n_stream, g, d, dtype=out.dtype, device=out.device)
+        ring_stream_attention(qs, ks, vs, self._ring_k, self._ring_v, md.plan, self.scale, os_)
+        ring_write(self._ring_k, self._ring_v, ks, vs, md.plan)
+        out[:, self._stream_q] = os_.view(t, self._n_stream * g, d)
+
+    def _forward_gated(self, layer, q, k, v, kv_cache, md, out) -> None:  # type: ignore[no-untyped-def]
+        t, h, g, d = q.shape[0], self.num_kv_heads, self._group, q.shape[-1]
+        full = torch.empty_like(out)
+        self._inner.forward(layer, q, k, v, kv_cache, md.full, full)
+        kk, vv = self._paged_gather(kv_cache, md)
+        stream = gathered_attention(q.view(t, h, g, d), kk, vv, md.plan.valid, self.scale)
+        alpha = self.rlkv_runtime.gates[self._rlkv_layer].view(1, h, 1, 1)
+        mixed = alpha * full.view(t, h, g, d).float() + (1.0 - alpha) * stream
+        out.copy_(mixed.view(t, h * g, d).to(out.dtype))
+
+
+class RLKVBuilderMixin:
+    """Mixed into a subclass of the platform's stock metadata builder."""
+
+    rlkv_runtime: RLKVRuntime | None = None
+
+    def _rlkv_find_runtime(self, layer_names: list[str], vllm_config: Any) -> None:
+        from vllm.config import get_layers_from_vllm_config
+
+        layers = get_layers_from_vllm_config(vllm_config, compat.attention_layer_cls(), layer_names)
+        runtimes = {id(l.impl.rlkv_runtime): l.impl.rlkv_runtime for l in layers.values()
+                    if getattr(l.impl, "rlkv_runtime", None) is not None}
+        self.rlkv_runtime = next(iter(runtimes.values()), None)
+
+    def _rlkv_wrap(self, common_attn_metadata: Any, full_md: Any) -> RLKVMetadata:
+        rt = self.rlkv_runtime
+        cm = common_attn_metadata
+
+        def make_plan() -> StreamPlan:
+            n_reqs = cm.num_reqs
+            if rt.serve:
+                slots = rt.slot_ids_for_batch(n_reqs)
+            else:
+                slots = [rt.plan.max_num_seqs] * n_reqs
+            slot_t = torch.tensor(slots, dtype=torch.int64).to(cm.query_start_loc.device, non_blocking=True)
+            return build_stream_plan(
+                cm.query_start_loc[: n_reqs + 1], cm.seq_lens[:n_reqs], slot_t, cm.num_actual_tokens,
+                rt.settings.sink, rt.settings.recent, rt.plan.max_num_seqs,
+            )
+
+        plan = rt.cached_step_value(cm, make_plan)
+        return RLKVMetadata(
+            full=full_md,
+            plan=plan,
+            num_actual_tokens=cm.num_actual_tokens,
+            block_table=None if rt.serve else cm.block_table_tensor,
+        )

@@ -1,0 +1,274 @@
+"""Every touchpoint with vLLM internals, in one place (vLLM 0.26 through 0.33).
+
+What moves between releases and how it is handled:
+- backend names: 0.32+ can add the name RLKV to ``AttentionBackendEnum``; before that
+  the plugin takes the reserved ``CUSTOM`` member. Either way the engine config
+  carries CUSTOM: enum members pickle by value, and a spawned engine process
+  unpickles its config before any plugin is loaded.
+- CPU: the platform ignores the selected backend and always resolves ``CPU_ATTN``,
+  so the plugin overrides that member's class (it stays stock unless RLKV is on).
+- KV-cache specs: ``Attention.get_kv_cache_spec`` is wrapped so an RLKV layer reports
+  only its full heads; vLLM merges the per-layer sizes into one group.
+- request identity: the V1 model runner's ``_update_states`` and ``_dummy_run`` are
+  wrapped so the slot manager sees finished and preempted requests and the batch order.
+  RLKV runs on the V1 runner (it sets VLLM_USE_V2_MODEL_RUNNER=0 when it is selected).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import threading
+import weakref
+from typing import Any, Callable
+
+from .settings import RLKVConfigError
+
+BACKEND_NAME = "RLKV"
+CUDA_BACKEND_PATH = "rlkv_vllm.backends.cuda.RLKVCudaBackend"
+CPU_BACKEND_PATH = "rlkv_vllm.backends.cpu.RLKVCpuBackend"
+MIN_VLLM = (0, 26)
+MAX_VLLM = (0, 33)
+
+_lock = threading.Lock()
+_installed = False
+
+
+def vllm_version() -> tuple[int, int, int]:
+    import vllm
+
+    parts = []
+    for p in str(getattr(vllm, "__version__", "0.0.0")).split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits or 0))
+    while len(parts) < 3:
+        parts.append(0)
+    return parts[0], parts[1], parts[2]
+
+
+def can_register_backend_names() -> bool:
+    """0.32+ (vLLM PR 41091) creates new AttentionBackendEnum members from a string."""
+    import inspect
+
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return hasattr(AttentionBackendEnum, "register") and "str" in str(
+        inspect.signature(AttentionBackendEnum.register)
+    )
+
+
+def backend_enum():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return AttentionBackendEnum
+
+
+def is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def attention_layer_cls():
+    from vllm.model_executor.layers.attention import Attention
+
+    return Attention
+
+
+def model_runner_cls():
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return GPUModelRunner
+
+
+def extract_layer_index(layer_name: str) -> int:
+    from vllm.model_executor.models.utils import extract_layer_index as _extract
+
+    return _extract(layer_name)
+
+
+def current_vllm_config():
+    from vllm.config import get_current_vllm_config
+
+    return get_current_vllm_config()
+
+
+# ----------------------------------------------------------------- registration
+def register_backends() -> None:
+    """Point CUSTOM (and RLKV where possible) at our CUDA backend; CPU_ATTN at our CPU one."""
+    from vllm.v1.attention.backends.registry import register_backend
+
+    Enum = backend_enum()
+    register_backend(Enum.CUSTOM, CUDA_BACKEND_PATH)
+    if BACKEND_NAME not in Enum.__members__ and can_register_backend_names():
+        register_backend(BACKEND_NAME, CUDA_BACKEND_PATH)
+    if is_cpu_platform():
+        register_backend(Enum.CPU_ATTN, CPU_BACKEND_PATH)
+
+
+def selects_rlkv(backend: Any) -> bool:
+    """Whether an attention-backend value (enum member or string) asks for RLKV."""
+    if backend is None:
+        return False
+    name = getattr(backend, "name", backend)
+    return isinstance(name, str) and name.upper() in (BACKEND_NAME, "CUSTOM")
+
+
+def config_selects_rlkv(vllm_config: Any) -> bool:
+    attn = getattr(vllm_config, "attention_config", None)
+    return selects_rlkv(getattr(attn, "backend", None))
+
+
+# ------------------------------------------------------------------ KV spec
+def reduce_kv_spec(spec: Any, num_kv_heads: int) -> Any:
+    """The same spec with fewer KV-head slots (only full heads are paged)."""
+    return dataclasses.replace(spec, num_kv_heads=num_kv_heads)
+
+
+def _patch_get_kv_cache_spec() -> None:
+    Attention = attention_layer_cls()
+    orig = Attention.get_kv_cache_spec
+    if getattr(orig, "_rlkv_wrapped", False):
+        return
+
+    @functools.wraps(orig)
+    def get_kv_cache_spec(self, vllm_config):  # type: ignore[no-untyped-def]
+        spec = orig(self, vllm_config)
+        adjust = getattr(self.impl, "rlkv_adjust_kv_spec", None)
+        if spec is None or adjust is None:
+            return spec
+        return adjust(self, spec)
+
+    get_kv_cache_spec._rlkv_wrapped = True  # type: ignore[attr-defined]
+    Attention.get_kv_cache_spec = get_kv_cache_spec
+
+
+# -------------------------------------------------------------- runner hooks
+class RunnerHooks:
+    """Per process: the active V1 model runner and its step events.
+
+    Listeners get ``on_step(runner, scheduler_output)`` before the runner updates
+    its batch; ``in_dummy_run`` is true while the runner runs a dummy/profiling batch.
+    """
+
+    def __init__(self) -> None:
+        self._runner: weakref.ReferenceType | None = None
+        self.listeners: list[Callable[[Any, Any], None]] = []
+        self.dummy_depth = 0
+
+    @property
+    def runner(self) -> Any:
+        return self._runner() if self._runner is not None else None
+
+    @property
+    def in_dummy_run(self) -> bool:
+        return self.dummy_depth > 0
+
+    def batch_req_ids(self, num_reqs: int) -> list[str] | None:
+        """Request ids of the current batch rows, or None outside a real step."""
+        runner = self.runner
+        if runner is None or self.in_dummy_run:
+            return None
+        ids = runner.input_batch.req_ids
+        if len(ids) < num_reqs:
+            return None
+        return list(ids[:num_reqs])
+
+
+RUNNER_HOOKS = RunnerHooks()
+
+
+def _patch_runner() -> None:
+    Runner = model_runner_cls()
+    orig_update = Runner._update_states
+    if getattr(orig_update, "_rlkv_wrapped", False):
+        return
+
+    @functools.wraps(orig_update)
+    def _update_states(self, scheduler_output, *args, **kwargs):  # type: ignore[no-untyped-def]
+        RUNNER_HOOKS._runner = weakref.ref(self)
+        for listener in list(RUNNER_HOOKS.listeners):
+            listener(self, scheduler_output)
+        return orig_update(self, scheduler_output, *args, **kwargs)
+
+    _update_states._rlkv_wrapped = True  # type: ignore[attr-defined]
+    Runner._update_states = _update_states
+
+    orig_dummy = Runner._dummy_run
+
+    @functools.wraps(orig_dummy)
+    def _dummy_run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        RUNNER_HOOKS.dummy_depth += 1
+        try:
+            return orig_dummy(self, *args, **kwargs)
+        finally:
+            RUNNER_HOOKS.dummy_depth -= 1
+
+    Runner._dummy_run = _dummy_run
+
+
+# -------------------------------------------------------------- engine args
+def _patch_engine_args(on_config: Callable[[Any], None], before: Callable[[Any], None]) -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    orig = EngineArgs.create_engine_config
+    if getattr(orig, "_rlkv_wrapped", False):
+        return
+
+    @functools.wraps(orig)
+    def create_engine_config(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        before(self)
+        config = orig(self, *args, **kwargs)
+        on_config(config)
+        return config
+
+    create_engine_config._rlkv_wrapped = True  # type: ignore[attr-defined]
+    EngineArgs.create_engine_config = create_engine_config
+
+
+def prepare_engine_args(args: Any) -> bool:
+    """Before the engine config exists: route RLKV to CUSTOM, pick the V1 runner,
+    turn prefix caching off unless asked for. Returns whether RLKV is selected."""
+    attn_cfg = getattr(args, "attention_config", None)
+    chosen = getattr(args, "attention_backend", None)
+    via_attn_cfg = False
+    if chosen is None and attn_cfg is not None and not isinstance(attn_cfg, dict):
+        chosen = getattr(attn_cfg, "backend", None)
+        via_attn_cfg = True
+    if not selects_rlkv(chosen):
+        return False
+    custom = backend_enum().CUSTOM
+    if via_attn_cfg:
+        attn_cfg.backend = custom
+    else:
+        args.attention_backend = custom
+    raw = (getattr(args, "additional_config", None) or {}).get("rlkv") or {}
+    mode = raw.get("mode", "serve") if isinstance(raw, dict) else "serve"
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip() in ("1", "true", "True"):
+        raise RLKVConfigError(
+            "VLLM_USE_V2_MODEL_RUNNER = 1 is not allowed with --attention-backend rlkv: "
+            "RLKV tracks requests through the V1 model runner; unset it"
+        )
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    if getattr(args, "enable_prefix_caching", None) is None:
+        args.enable_prefix_caching = False
+    elif args.enable_prefix_caching and mode == "serve":
+        raise RLKVConfigError(
+            "enable_prefix_caching = True is not allowed with rlkv.mode = 'serve': a prefix-cache "
+            "hit restores only the paged full heads, not the streaming ring; turn it off"
+        )
+    return True
+
+
+def install(on_config: Callable[[Any], None], before: Callable[[Any], None]) -> None:
+    """Apply all patches once per process (idempotent)."""
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        register_backends()
+        _patch_get_kv_cache_spec()
+        _patch_runner()
+        _patch_engine_args(on_config, before)
+        _installed = True

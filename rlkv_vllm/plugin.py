@@ -1,0 +1,157 @@
+"""vLLM plugin entry point (``vllm.general_plugins``) and startup validation.
+
+``register()`` runs once in every vLLM process (front-end, engine core, workers). It
+needs no config, model or CUDA. The engine config is checked in the front-end, as
+soon as vLLM builds it, so a bad setting stops the start with one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from . import compat
+from .settings import RLKVConfigError
+
+logger = logging.getLogger("rlkv_vllm")
+
+SUPPORTED_DTYPES_CUDA = ("float16", "bfloat16")
+SUPPORTED_DTYPES_CPU = ("float16", "bfloat16", "float32")
+
+
+def register() -> None:
+    """Idempotent: registers the backend names and installs the hooks."""
+    compat.install(on_config=check_engine_config, before=_before_engine_config)
+    _install_excepthook()
+
+
+def _before_engine_config(engine_args: Any) -> None:
+    compat.prepare_engine_args(engine_args)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _supported_head_sizes() -> list[int] | None:
+    if compat.is_cpu_platform():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        return list(CPUAttentionBackend.get_supported_head_sizes())
+    return None
+
+
+def check_engine_config(vllm_config: Any) -> None:
+    """Validate RLKV against a freshly built engine config and prepare the engine.
+
+    Raises RLKVConfigError (one line: field, value, what is allowed). On success it
+    writes the normalised settings back, reserves the ring inside an explicit KV
+    budget, installs the worker extension and publishes the metrics.
+    """
+    from .metrics import publish_plan
+    from .runtime import build_plan
+
+    extra = vllm_config.additional_config or {}
+    if not compat.config_selects_rlkv(vllm_config):
+        if "rlkv" in extra:
+            backend = getattr(vllm_config.attention_config, "backend", None)
+            raise RLKVConfigError(
+                f"attention_backend = {getattr(backend, 'name', backend)!r} is not allowed with "
+                "additional_config.rlkv: select RLKV with --attention-backend rlkv "
+                "(CUSTOM on vLLM < 0.32)"
+            )
+        return
+
+    plan = build_plan(vllm_config, tp_rank=0)
+    _check_model(vllm_config, plan)
+
+    vllm_config.additional_config = {**extra, "rlkv": plan.settings.to_dict()}
+    cache = vllm_config.cache_config
+    budget = getattr(cache, "kv_cache_memory_bytes", None)
+    if budget and plan.ring_nbytes:
+        if plan.ring_nbytes >= budget:
+            raise RLKVConfigError(
+                f"kv_cache_memory_bytes = {budget} is not allowed: the streaming ring for "
+                f"max_num_seqs = {plan.max_num_seqs} needs {plan.ring_nbytes} bytes of it; raise the "
+                "budget or lower max_num_seqs"
+            )
+        cache.kv_cache_memory_bytes = budget - plan.ring_nbytes
+        logger.info(
+            "RLKV: KV budget %d B = paged %d B + streaming ring %d B",
+            budget, cache.kv_cache_memory_bytes, plan.ring_nbytes,
+        )
+    par = vllm_config.parallel_config
+    if not getattr(par, "worker_extension_cls", ""):
+        par.worker_extension_cls = "rlkv_vllm.worker_ext.RLKVWorkerExtension"
+    publish_plan(plan)
+    logger.info(plan.summary())
+
+
+def _check_model(vllm_config: Any, plan: Any) -> None:
+    mc = vllm_config.model_config
+    dtype = _dtype_name(mc.dtype)
+    cpu = compat.is_cpu_platform()
+    allowed = SUPPORTED_DTYPES_CPU if cpu else SUPPORTED_DTYPES_CUDA
+    if dtype not in allowed:
+        raise RLKVConfigError(f"dtype = {dtype!r} is not allowed with RLKV: use one of {', '.join(allowed)}")
+    sizes = _supported_head_sizes()
+    if sizes is not None and plan.shape.head_size not in sizes:
+        raise RLKVConfigError(
+            f"head_size = {plan.shape.head_size} (model {plan.shape.model_id}) is not allowed with "
+            f"RLKV on this platform: supported {sizes}"
+        )
+    if plan.shape.head_size % 8 or plan.shape.head_size > 512:
+        raise RLKVConfigError(
+            f"head_size = {plan.shape.head_size} is not allowed with RLKV: must be a multiple of 8, at most 512"
+        )
+    kv_dtype = str(getattr(vllm_config.cache_config, "cache_dtype", "auto"))
+    if kv_dtype not in ("auto", dtype):
+        raise RLKVConfigError(
+            f"kv_cache_dtype = {kv_dtype!r} is not allowed with RLKV: use 'auto' (quantized KV caches are not supported)"
+        )
+    if int(vllm_config.parallel_config.pipeline_parallel_size) > 1:
+        raise RLKVConfigError(
+            f"pipeline_parallel_size = {vllm_config.parallel_config.pipeline_parallel_size} is not "
+            "allowed with RLKV: use 1 (tensor parallelism is supported)"
+        )
+    if plan.serve and vllm_config.speculative_config is not None:
+        raise RLKVConfigError(
+            "speculative_config is not allowed with rlkv.mode = 'serve': rejected draft tokens would "
+            "overwrite ring entries still in the recent window; use mode 'gated' or turn it off"
+        )
+    if plan.serve and getattr(vllm_config.cache_config, "enable_prefix_caching", False):
+        raise RLKVConfigError(
+            "enable_prefix_caching = True is not allowed with rlkv.mode = 'serve': a prefix-cache hit "
+            "restores only the paged full heads, not the streaming ring; turn it off"
+        )
+    get_sw = getattr(mc, "get_sliding_window", None)
+    sw = get_sw() if callable(get_sw) else None
+    if sw:
+        raise RLKVConfigError(
+            f"sliding_window = {sw} (model {plan.shape.model_id}) is not allowed with RLKV: "
+            "models with sliding-window layers are not supported"
+        )
+
+
+_hook_installed = False
+
+
+def _install_excepthook() -> None:
+    """An RLKV setting error that reaches the top level prints as one line, not a traceback."""
+    global _hook_installed
+    if _hook_installed:
+        return
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):  # type: ignore[no-untyped-def]
+        cause = exc
+        while cause is not None and not isinstance(cause, RLKVConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, RLKVConfigError):
+            print(f"rlkv: error: {cause}", file=sys.stderr)
+            return
+        previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
+    _hook_installed = True

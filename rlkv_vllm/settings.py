@@ -1,0 +1,197 @@
+"""RLKV settings: the one place that reads and validates ``additional_config["rlkv"]``.
+
+Every message names the field, the value and what is allowed, on one line, so a
+bad setting is refused at startup instead of failing later inside a worker.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+SELECTIONS = ("global", "per_layer", "explicit")
+MODES = ("serve", "gated")
+
+Selection = Literal["global", "per_layer", "explicit"]
+Mode = Literal["serve", "gated"]
+
+
+class RLKVConfigError(ValueError):
+    """A setting that RLKV cannot run with. The message is one line."""
+
+
+def config_error(field_name: str, value: Any, allowed: str) -> RLKVConfigError:
+    return RLKVConfigError(f"rlkv.{field_name} = {value!r} is not allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class RLKVSettings:
+    """Validated RLKV settings.
+
+    heads: path of a head pattern (TSV, JSON or safetensors); None only with
+        selection="explicit" and ``full_heads`` given.
+    sparsity: fraction of KV heads made streaming, in [0, 1).
+    sink, recent: the streaming window: ``sink`` first tokens plus the ``recent`` last.
+    selection: "global" quantile over all heads (the paper's), "per_layer" top-k, or
+        "explicit" (the pattern is a 0/1 mask, or ``full_heads`` lists the full heads).
+    mode: "serve" (split KV cache, memory saved) or "gated" (full cache for every
+        head, outputs mixed with per-head alpha; used by the trainer's rollouts).
+    full_heads: explicit (layer, kv_head) pairs of full heads, for selection="explicit".
+    """
+
+    heads: str | None = None
+    sparsity: float = 0.5
+    sink: int = 16
+    recent: int = 64
+    selection: Selection = "global"
+    mode: Mode = "serve"
+    full_heads: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def window(self) -> int:
+        """Tokens a streaming head keeps per request."""
+        return self.sink + self.recent
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.full_heads is not None:
+            d["full_heads"] = [list(p) for p in self.full_heads]
+        return {k: v for k, v in d.items() if v is not None}
+
+
+_KEYS = tuple(RLKVSettings.__dataclass_fields__)
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            value = int(value)
+        else:
+            raise config_error(name, value, "must be a positive integer")
+    if value <= 0:
+        raise config_error(name, value, "must be a positive integer")
+    return value
+
+
+def _as_sparsity(value: Any) -> float:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        s = float(value)
+    except (TypeError, ValueError):
+        raise config_error("sparsity", value, "must be a number in [0, 1)") from None
+    if not math.isfinite(s) or not 0.0 <= s < 1.0:
+        raise config_error("sparsity", value, "must be a number in [0, 1)")
+    return s
+
+
+def _as_full_heads(value: Any) -> tuple[tuple[int, int], ...]:
+    allowed = 'must be a list of [layer, kv_head] pairs or "layer:kv_head" strings'
+    if not isinstance(value, (list, tuple)):
+        raise config_error("full_heads", value, allowed)
+    pairs: list[tuple[int, int]] = []
+    for item in value:
+        if isinstance(item, str) and item.count(":") == 1:
+            a, b = item.split(":")
+            if not (a.strip().isdigit() and b.strip().isdigit()):
+                raise config_error("full_heads", value, allowed)
+            pairs.append((int(a), int(b)))
+        elif (
+            isinstance(item, (list, tuple))
+            and len(item) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in item)
+        ):
+            pairs.append((int(item[0]), int(item[1])))
+        else:
+            raise config_error("full_heads", value, allowed)
+    return tuple(sorted(set(pairs)))
+
+
+def parse_settings(raw: Any, base_dir: str | None = None) -> RLKVSettings:
+    """Validate the ``rlkv`` section of ``additional_config``.
+
+    raw: the dict the user gave (from JSON or Python).
+    base_dir: relative ``heads`` paths are resolved against it (default: cwd).
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RLKVConfigError(
+            f"additional_config.rlkv = {raw!r} is not allowed: must be a JSON object "
+            f"with keys {', '.join(_KEYS)}"
+        )
+    unknown = sorted(set(raw) - set(_KEYS))
+    if unknown:
+        raise RLKVConfigError(
+            f"rlkv.{unknown[0]} is not a known setting: allowed keys are {', '.join(_KEYS)}"
+        )
+
+    selection = raw.get("selection", "global")
+    if selection not in SELECTIONS:
+        raise config_error("selection", selection, f"must be one of {', '.join(SELECTIONS)}")
+    mode = raw.get("mode", "serve")
+    if mode not in MODES:
+        raise config_error("mode", mode, f"must be one of {', '.join(MODES)}")
+
+    sparsity = _as_sparsity(raw.get("sparsity", 0.5))
+    sink = _as_int("sink", raw.get("sink", 16))
+    recent = _as_int("recent", raw.get("recent", 64))
+
+    full_heads = None
+    if "full_heads" in raw:
+        if selection != "explicit":
+            raise config_error(
+                "full_heads", raw["full_heads"], 'is only used with rlkv.selection = "explicit"'
+            )
+        full_heads = _as_full_heads(raw["full_heads"])
+
+    heads = raw.get("heads")
+    if heads is None:
+        if full_heads is None:
+            raise config_error(
+                "heads",
+                None,
+                "a head pattern file is required (TSV, JSON or safetensors); "
+                'or set selection = "explicit" with full_heads',
+            )
+    else:
+        if not isinstance(heads, str) or not heads:
+            raise config_error("heads", heads, "must be the path of a head pattern file")
+        path = os.path.expanduser(heads)
+        if not os.path.isabs(path):
+            path = os.path.abspath(os.path.join(base_dir or os.getcwd(), path))
+        if not os.path.isfile(path):
+            raise config_error("heads", heads, "no such file: give a readable pattern file")
+        if not os.access(path, os.R_OK):
+            raise config_error("heads", heads, "file is not readable")
+        heads = path
+
+    return RLKVSettings(
+        heads=heads,
+        sparsity=sparsity,
+        sink=sink,
+        recent=recent,
+        selection=selection,
+        mode=mode,
+        full_heads=full_heads,
+    )
+
+
+@dataclass
+class ModelShape:
+    """What RLKV needs to know of a model: layers, KV heads, query heads, head size."""
+
+    num_layers: int
+    num_kv_heads: int
+    num_q_heads: int
+    head_size: int
+    model_id: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def group_size(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
