@@ -122,8 +122,19 @@ def config_selects_rlkv(vllm_config: Any) -> bool:
 
 # ------------------------------------------------------------------ KV spec
 def reduce_kv_spec(spec: Any, num_kv_heads: int) -> Any:
-    """The same spec with fewer KV-head slots (only full heads are paged)."""
-    return dataclasses.replace(spec, num_kv_heads=num_kv_heads)
+    """The same spec with fewer KV-head slots (only full heads are paged).
+
+    num_kv_heads = 0 (a layer with no full head): vLLM's allocator cannot take an
+    empty page, so the layer reports one slot of head size 1, two elements per token,
+    which the kernels never touch.
+    """
+    if num_kv_heads > 0:
+        return dataclasses.replace(spec, num_kv_heads=num_kv_heads)
+    fields = {f.name for f in dataclasses.fields(spec)}
+    tiny = {"num_kv_heads": 1, "head_size": 1}
+    if "head_size_v" in fields:
+        tiny["head_size_v"] = 1
+    return dataclasses.replace(spec, **tiny)
 
 
 def _patch_get_kv_cache_spec() -> None:

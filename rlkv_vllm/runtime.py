@@ -76,12 +76,20 @@ class RLKVPlan:
         return float(1.0 - self.mask.mean())
 
     def paged_heads(self) -> list[int]:
-        """KV-head slots each layer reports to vLLM's block manager."""
+        """KV-head slots each layer pages (0: a layer with no full head)."""
         if not self.serve:
             return [len(l.full) + len(l.stream) for l in self.layers]
-        return [max(1, l.paged_slots) for l in self.layers]
+        return [l.paged_slots for l in self.layers]
 
     def paged_bytes_per_token(self) -> int:
+        """What vLLM's block manager is charged per token; a layer with no full head
+        reports one slot of head size 1 (see compat.reduce_kv_spec)."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        heads = self.paged_heads()
+        return (sum(heads) * 2 * self.shape.head_size + 2 * heads.count(0)) * elem
+
+    def ideal_bytes_per_token(self) -> int:
+        """Bytes per token of the full heads alone."""
         elem = torch.empty((), dtype=self.dtype).element_size()
         return sum(self.paged_heads()) * 2 * self.shape.head_size * elem
 

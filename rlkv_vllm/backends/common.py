@@ -134,7 +134,7 @@ class RLKVImplMixin:
 
         if rt.serve:
             full, stream = split.full, split.stream
-            self._paged_slots = max(1, split.paged_slots)
+            self._paged_slots = split.paged_slots
         else:
             full, stream = tuple(range(self.num_kv_heads)), ()
             self._paged_slots = self.num_kv_heads
@@ -246,13 +246,18 @@ class RLKVBuilderMixin:
 
     rlkv_runtime: RLKVRuntime | None = None
 
-    def _rlkv_find_runtime(self, layer_names: list[str], vllm_config: Any) -> None:
+    def _rlkv_find_runtime(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any) -> None:
         from vllm.config import get_layers_from_vllm_config
 
         layers = get_layers_from_vllm_config(vllm_config, compat.attention_layer_cls(), layer_names)
         runtimes = {id(l.impl.rlkv_runtime): l.impl.rlkv_runtime for l in layers.values()
                     if getattr(l.impl, "rlkv_runtime", None) is not None}
         self.rlkv_runtime = next(iter(runtimes.values()), None)
+        self._rlkv_spec = kv_cache_spec
+
+    def _rlkv_pages_heads(self) -> bool:
+        """False for the group of layers with no full head (their placeholder spec)."""
+        return self._rlkv_spec.head_size == self.rlkv_runtime.plan.shape.head_size
 
     def _rlkv_wrap(self, common_attn_metadata: Any, full_md: Any) -> RLKVMetadata:
         rt = self.rlkv_runtime

@@ -36,7 +36,7 @@ class RLKVCpuImpl(RLKVImplMixin, CPUAttentionBackendImpl):
 class RLKVCpuMetadataBuilder(RLKVBuilderMixin, CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self._rlkv_find_runtime(layer_names, vllm_config)
+        self._rlkv_find_runtime(kv_cache_spec, layer_names, vllm_config)
         if self.rlkv_runtime is not None:
             # the CPU scheduler metadata is sized by the heads the kernel really sees:
             # this group's paged slots and their query heads
@@ -45,9 +45,11 @@ class RLKVCpuMetadataBuilder(RLKVBuilderMixin, CPUAttentionMetadataBuilder):
             self.num_heads = kv_cache_spec.num_kv_heads * group
 
     def build(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False) -> Any:
-        full = super().build(common_prefix_len, common_attn_metadata, fast_build)
         if self.rlkv_runtime is None:
-            return full
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        full = None
+        if self._rlkv_pages_heads():
+            full = super().build(common_prefix_len, common_attn_metadata, fast_build)
         return self._rlkv_wrap(common_attn_metadata, full)
 
 

@@ -139,7 +139,12 @@ def gathered_attention(
     """Attention over per-token gathered keys, in float32.
 
     q: [T, H, G, D]; k, v: [T, C, H, D]; valid: [T, C]. Returns [T, H, G, D] float32.
+    Invalid candidates may point at never-written memory: they are zeroed, so even
+    NaN garbage there cannot leak into the output through a zero weight.
     """
+    keep = valid[:, :, None, None]
+    k = torch.where(keep, k, 0)
+    v = torch.where(keep, v, 0)
     scores = torch.einsum("thgd,tchd->thgc", q.float(), k.float()) * scale
     scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)

@@ -1,0 +1,91 @@
+"""Drive a streaming-attention implementation through a random serving schedule and
+compare every output with the oracle.
+
+Requests get ring slots in random order; each step serves a random subset of them
+with a random chunk (decode = 1 token); the ring starts poisoned with NaN so a read
+of a never-written slot shows up.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from rlkv_vllm.ops.torch_stream import build_stream_plan
+from rlkv_vllm.reference import oracle_attention
+
+# fn(q [T,H,G,D], k [T,H,D], v, ring_k, ring_v, plan, scale, out [T,H,G,D]) -> None,
+# reading the ring and then writing this step's keys into it.
+StreamFn = Callable[..., None]
+
+
+@dataclass
+class Case:
+    num_reqs: int
+    max_len: int
+    kv_heads: int
+    group: int
+    head_dim: int
+    sink: int
+    recent: int
+    dtype: torch.dtype = torch.float32
+    max_chunk: int = 40
+    seed: int = 0
+
+
+def run_case(case: Case, fn: StreamFn, device: str = "cpu") -> tuple[float, int]:
+    """Returns (max relative error over requests, tokens checked)."""
+    rng = random.Random(case.seed)
+    gen = torch.Generator().manual_seed(case.seed)
+    h, g, d = case.kv_heads, case.group, case.head_dim
+    lens = [rng.randint(1, case.max_len) for _ in range(case.num_reqs)]
+    lens[0] = min(lens[0], max(1, case.sink - 1))  # one request shorter than the sink
+    q = [torch.randn(n, h * g, d, generator=gen).to(case.dtype) for n in lens]
+    k = [torch.randn(n, h, d, generator=gen).to(case.dtype) for n in lens]
+    v = [torch.randn(n, h, d, generator=gen).to(case.dtype) for n in lens]
+    num_slots = case.num_reqs + 2
+    slots = rng.sample(range(num_slots), case.num_reqs)  # permuted slot table
+    c = case.sink + case.recent
+    ring_k = torch.full(((num_slots + 1) * c, h, d), float("nan"), dtype=case.dtype, device=device)
+    ring_v = torch.full_like(ring_k, float("nan"))
+    out = [torch.full((n, h * g, d), float("nan"), dtype=case.dtype) for n in lens]
+    done = [0] * case.num_reqs
+    scale = d**-0.5
+    while any(done[i] < lens[i] for i in range(case.num_reqs)):
+        live = [i for i in range(case.num_reqs) if done[i] < lens[i]]
+        batch = rng.sample(live, rng.randint(1, len(live)))
+        chunks = []
+        for i in batch:
+            n = 1 if done[i] and rng.random() < 0.5 else rng.randint(1, case.max_chunk)
+            chunks.append(min(n, lens[i] - done[i]))
+        qsl = [0]
+        for n in chunks:
+            qsl.append(qsl[-1] + n)
+        seq = [done[i] + n for i, n in zip(batch, chunks)]
+        qs = torch.cat([q[i][done[i] : done[i] + n] for i, n in zip(batch, chunks)])
+        ks = torch.cat([k[i][done[i] : done[i] + n] for i, n in zip(batch, chunks)])
+        vs = torch.cat([v[i][done[i] : done[i] + n] for i, n in zip(batch, chunks)])
+        plan = build_stream_plan(
+            torch.tensor(qsl, device=device), torch.tensor(seq, device=device),
+            torch.tensor([slots[i] for i in batch], device=device), qsl[-1],
+            case.sink, case.recent, num_slots,
+        )
+        o = torch.full((qsl[-1], h, g, d), float("nan"), dtype=case.dtype, device=device)
+        fn(qs.view(-1, h, g, d).to(device), ks.to(device), vs.to(device), ring_k, ring_v, plan, scale, o)
+        o = o.view(-1, h * g, d).cpu()
+        for j, (i, n) in enumerate(zip(batch, chunks)):
+            out[i][done[i] : done[i] + n] = o[qsl[j] : qsl[j + 1]]
+            done[i] += n
+    worst = 0.0
+    for i in range(case.num_reqs):
+        ref = oracle_attention(
+            q[i], k[i], v[i], scale=scale, full_heads=torch.zeros(h, dtype=torch.bool),
+            sink=case.sink, recent=case.recent,
+        )
+        assert not torch.isnan(out[i]).any(), f"request {i}: output not written or NaN read"
+        err = (out[i].double() - ref.double()).norm() / ref.double().norm()
+        worst = max(worst, float(err))
+    return worst, sum(lens)
