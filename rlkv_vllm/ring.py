@@ -4,30 +4,26 @@ from __future__ import annotations
 
 import torch
 
-from .patterns import LayerHeads
 
 
-def ring_bytes(
-    layers: list[LayerHeads], num_slots: int, window: int, head_size: int, dtype: torch.dtype
-) -> int:
-    """Bytes of all rings: (slots + 1 scratch) x window x streaming heads x (K + V)."""
+def ring_bytes(ring_heads: list[int], num_slots: int, window: int, head_size: int, dtype: torch.dtype) -> int:
+    """Bytes of all rings: (slots + 1 scratch) x window x ring heads x (K + V)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    heads = sum(l.n_stream for l in layers)
-    return (num_slots + 1) * window * heads * 2 * head_size * elem
+    return (num_slots + 1) * window * sum(ring_heads) * 2 * head_size * elem
 
 
 class RingPool:
     """K and V rings per layer.
 
-    k[layer], v[layer]: [(num_slots + 1) * window, n_stream(layer), head_size], or None
-    for a layer with no streaming head. Row ``slot * window + ring_index(pos)`` holds
+    k[layer], v[layer]: [(num_slots + 1) * window, ring_heads[layer], head_size], or None
+    for a layer with no ring head (serve mode: its streaming heads; gated mode: all heads). Row ``slot * window + ring_index(pos)`` holds
     position ``pos`` of the request in ``slot``; slot ``num_slots`` is scratch (writes
     that no query will read, and dummy batches).
     """
 
     def __init__(
         self,
-        layers: list[LayerHeads],
+        ring_heads: list[int],
         num_slots: int,
         sink: int,
         recent: int,
@@ -43,13 +39,13 @@ class RingPool:
         self.k: list[torch.Tensor | None] = []
         self.v: list[torch.Tensor | None] = []
         rows = (num_slots + 1) * self.window
-        for layer in layers:
-            if layer.n_stream == 0:
+        for heads in ring_heads:
+            if heads == 0:
                 self.k.append(None)
                 self.v.append(None)
                 continue
             # zeros, not empty: the pages must be touched so a CPU worker's RSS
             # (which sizes an automatic KV budget) already counts them
-            self.k.append(torch.zeros(rows, layer.n_stream, head_size, dtype=dtype, device=device))
-            self.v.append(torch.zeros(rows, layer.n_stream, head_size, dtype=dtype, device=device))
+            self.k.append(torch.zeros(rows, heads, head_size, dtype=dtype, device=device))
+            self.v.append(torch.zeros(rows, heads, head_size, dtype=dtype, device=device))
         self.nbytes = sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)

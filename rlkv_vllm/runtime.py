@@ -71,6 +71,10 @@ class RLKVPlan:
     def serve(self) -> bool:
         return self.settings.mode == "serve"
 
+    def ring_heads(self) -> list[int]:
+        """Heads with a ring per layer: the streaming heads (serve), every head (gated)."""
+        return ring_heads_of(self.layers, self.settings.mode)
+
     @property
     def sparsity_actual(self) -> float:
         return float(1.0 - self.mask.mean())
@@ -109,6 +113,14 @@ class RLKVPlan:
         )
 
 
+def ring_heads_of(layers: list[LayerHeads], mode: str) -> list[int]:
+    if mode == "serve":
+        return [l.n_stream for l in layers]
+    # gated: the streaming branch of every head reads its own ring (vLLM's CPU paged
+    # layout is ISA-specific, so the ring is the one portable place to read it from)
+    return [l.n_full + l.n_stream for l in layers]
+
+
 def build_plan(vllm_config: Any, tp_rank: int | None = None) -> RLKVPlan:
     """Validate RLKV against an engine config; raises RLKVConfigError with one line."""
     raw = (vllm_config.additional_config or {}).get("rlkv")
@@ -126,13 +138,11 @@ def build_plan(vllm_config: Any, tp_rank: int | None = None) -> RLKVPlan:
     layers = split_layers(mask, tp_size, rank)
     dtype = vllm_config.model_config.dtype
     max_num_seqs = int(vllm_config.scheduler_config.max_num_seqs)
-    if settings.mode == "serve":
-        nbytes = max(
-            ring_bytes(split_layers(mask, tp_size, r), max_num_seqs, settings.window, shape.head_size, dtype)
-            for r in range(tp_size)
-        )
-    else:
-        nbytes = 0
+    nbytes = max(
+        ring_bytes(ring_heads_of(split_layers(mask, tp_size, r), settings.mode), max_num_seqs,
+                   settings.window, shape.head_size, dtype)
+        for r in range(tp_size)
+    )
     return RLKVPlan(
         settings=settings,
         shape=shape,
@@ -166,6 +176,7 @@ class RLKVRuntime:
             raise RLKVConfigError(f"layers hold different numbers of KV heads: {local}")
         self.gates = self._local_gates(self.plan.gates).to(self.device)
         self._plan_cache: tuple[Any, Any] | None = None
+        self.preemptions_seen = 0
         self.metrics.on_slots(self.slots)
 
     @property
@@ -180,9 +191,9 @@ class RLKVRuntime:
 
     def ensure_ring(self) -> RingPool | None:
         """Allocate the rings (inside model loading, so memory profiling counts them)."""
-        if self.serve and self.ring is None:
+        if self.ring is None:
             self.ring = RingPool(
-                self.plan.layers,
+                self.plan.ring_heads(),
                 self.plan.max_num_seqs,
                 self.settings.sink,
                 self.settings.recent,
@@ -212,12 +223,14 @@ class RLKVRuntime:
     # ------------------------------------------------------------ slot tracking
     def on_step(self, runner: Any, scheduler_output: Any) -> None:
         done = set(getattr(scheduler_output, "finished_req_ids", None) or ())
-        done |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        self.preemptions_seen += len(preempted)
+        done |= preempted
         if done:
             self.slots.release(done)
         self.metrics.on_step()
 
-    def slot_ids_for_batch(self, num_reqs: int) -> list[int]:
+    def slot_ids_for_batch(self, num_reqs: int) -> list[int]:  # noqa: D401
         """Ring slot per batch row; dummy batches all use the scratch slot."""
         ids = compat.RUNNER_HOOKS.batch_req_ids(num_reqs)
         if ids is None:

@@ -6,6 +6,10 @@ position 0 when it resumes, so it simply gets a slot again). vLLM never runs mor
 than ``max_num_seqs`` requests at once, and the slot count is ``max_num_seqs``, so
 running requests always find a slot; queued requests hold none.
 
+vLLM tells workers about finished requests in the next scheduler step (the
+server's engine loop runs one more, possibly empty, step for that), so a slot is
+released one step after its request finishes.
+
 Ring contents are never cleared: a kernel reads only positions the request has
 written in its current life, so a reused slot needs no reset.
 """

@@ -33,6 +33,7 @@ class RLKVWorkerExtension:
         return _runtime().gates.double().cpu().tolist()
 
     def rlkv_slot_stats(self) -> dict[str, int]:
-        s = _runtime().slots
+        rt = _runtime()
+        s = rt.slots
         return {"num_slots": s.num_slots, "in_use": s.in_use, "free": s.free,
-                "peak": s.peak_in_use, "assigned": s.total_assigned}
+                "peak": s.peak_in_use, "assigned": s.total_assigned, "preemptions": rt.preemptions_seen}

@@ -4,8 +4,8 @@ Serve mode, per layer:
 - full heads: the platform's stock kernel on the subset of heads, over a paged
   cache that holds only those heads (vLLM's block manager sees the smaller pages);
 - streaming heads: ring attention (``ops.torch_stream``) over fixed per-request slots.
-Gated mode: every head is paged and full; the streaming branch reads the same paged
-cache through the Lambda mask; outputs mix with alpha from a persistent buffer.
+Gated mode: every head is paged and full, and every head also has a ring for its
+streaming branch; outputs mix with alpha from a persistent buffer.
 
 The platform classes (``backends.cpu``, ``backends.cuda``) subclass the stock
 backend, so with RLKV off they behave exactly as stock.
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .. import compat
-from ..ops.torch_stream import StreamPlan, build_stream_plan, gathered_attention, ring_stream_attention, ring_write
+from ..ops.torch_stream import StreamPlan, build_stream_plan, ring_stream_attention, ring_write
 from ..runtime import RLKVRuntime, runtime_for
 from ..settings import RLKVConfigError
 
@@ -30,24 +30,11 @@ class RLKVMetadata:
 
     full: the stock backend's metadata for the paged (full) heads.
     plan: streaming gather/scatter indices shared by all layers of the step.
-    block_table: [B, max_blocks] (gated mode: the streaming branch reads the paged cache).
     """
 
     full: Any
     plan: StreamPlan
     num_actual_tokens: int
-    block_table: torch.Tensor | None = None
-    _paged: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-
-    def paged_locations(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block, offset) [T, C] of each streaming candidate key, for a kernel block size."""
-        if self._paged is None:
-            self._paged = {}
-        if block_size not in self._paged:
-            pos = self.plan.cand_pos.clamp(min=0)
-            block = self.block_table[self.plan.token_row[:, None], pos // block_size].to(torch.int64)
-            self._paged[block_size] = (block, pos % block_size)
-        return self._paged[block_size]
 
 
 def _decoder_type() -> str:
@@ -60,11 +47,6 @@ class RLKVImplMixin:
     """Mixed into a subclass of the platform's stock AttentionImpl."""
 
     rlkv_runtime: RLKVRuntime | None = None
-
-    # -------------------------------------------------------------- platform API
-    def _paged_gather(self, kv_cache: torch.Tensor, md: RLKVMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V [T, C, H, D] of each streaming candidate key, from this platform's paged layout."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ set-up
     def _rlkv_setup(self, args: tuple, kwargs: dict) -> None:
@@ -149,9 +131,8 @@ class RLKVImplMixin:
         self._inner = (
             self._make_inner_impl(self._paged_slots * g, self._paged_slots) if self._n_full else None
         )
-        if rt.serve and self._n_stream:
-            ring = rt.ensure_ring()
-            self._ring_k, self._ring_v = ring.k[idx], ring.v[idx]
+        ring = rt.ensure_ring()
+        self._ring_k, self._ring_v = ring.k[idx], ring.v[idx]
         self._rlkv_layer = idx
 
     def rlkv_adjust_kv_spec(self, layer: Any, spec: Any) -> Any:
@@ -234,8 +215,9 @@ class RLKVImplMixin:
         t, h, g, d = q.shape[0], self.num_kv_heads, self._group, q.shape[-1]
         full = torch.empty_like(out)
         self._inner.forward(layer, q, k, v, kv_cache, md.full, full)
-        kk, vv = self._paged_gather(kv_cache, md)
-        stream = gathered_attention(q.view(t, h, g, d), kk, vv, md.plan.valid, self.scale)
+        stream = torch.empty(t, h, g, d, dtype=torch.float32, device=out.device)
+        ring_stream_attention(q.view(t, h, g, d), k, v, self._ring_k, self._ring_v, md.plan, self.scale, stream)
+        ring_write(self._ring_k, self._ring_v, k, v, md.plan)
         alpha = self.rlkv_runtime.gates[self._rlkv_layer].view(1, h, 1, 1)
         mixed = alpha * full.view(t, h, g, d).float() + (1.0 - alpha) * stream
         out.copy_(mixed.view(t, h * g, d).to(out.dtype))
@@ -265,10 +247,7 @@ class RLKVBuilderMixin:
 
         def make_plan() -> StreamPlan:
             n_reqs = cm.num_reqs
-            if rt.serve:
-                slots = rt.slot_ids_for_batch(n_reqs)
-            else:
-                slots = [rt.plan.max_num_seqs] * n_reqs
+            slots = rt.slot_ids_for_batch(n_reqs)
             slot_t = torch.tensor(slots, dtype=torch.int64).to(cm.query_start_loc.device, non_blocking=True)
             return build_stream_plan(
                 cm.query_start_loc[: n_reqs + 1], cm.seq_lens[:n_reqs], slot_t, cm.num_actual_tokens,
@@ -276,9 +255,4 @@ class RLKVBuilderMixin:
             )
 
         plan = rt.cached_step_value(cm, make_plan)
-        return RLKVMetadata(
-            full=full_md,
-            plan=plan,
-            num_actual_tokens=cm.num_actual_tokens,
-            block_table=None if rt.serve else cm.block_table_tensor,
-        )
+        return RLKVMetadata(full=full_md, plan=plan, num_actual_tokens=cm.num_actual_tokens)

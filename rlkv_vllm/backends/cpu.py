@@ -17,20 +17,13 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from .common import RLKVBuilderMixin, RLKVImplMixin, RLKVMetadata
+from .common import RLKVBuilderMixin, RLKVImplMixin
 
 
 class RLKVCpuImpl(RLKVImplMixin, CPUAttentionBackendImpl):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._rlkv_setup(args, kwargs)
-
-    def _paged_gather(self, kv_cache: torch.Tensor, md: RLKVMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        nb, h, bs, _ = kv_cache.shape
-        kv = kv_cache.view(nb, h, 2 * bs, -1)
-        block, offset = md.paged_locations(bs)
-        # advanced indices around a slice: the result is [T, C, H, D]
-        return kv[block, :, offset], kv[block, :, offset + bs]
 
 
 class RLKVCpuMetadataBuilder(RLKVBuilderMixin, CPUAttentionMetadataBuilder):
