@@ -107,6 +107,11 @@ def register_backends() -> None:
         register_backend(Enum.CPU_ATTN, CPU_BACKEND_PATH)
 
 
+def backend_flag() -> str:
+    """The value to pass as --attention-backend / attention_backend on this vLLM."""
+    return BACKEND_NAME.lower() if can_register_backend_names() else "CUSTOM"
+
+
 def selects_rlkv(backend: Any) -> bool:
     """Whether an attention-backend value (enum member or string) asks for RLKV."""
     if backend is None:

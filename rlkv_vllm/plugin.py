@@ -16,7 +16,7 @@ from .settings import RLKVConfigError
 
 logger = logging.getLogger("rlkv_vllm")
 
-SUPPORTED_DTYPES_CUDA = ("float16", "bfloat16")
+SUPPORTED_DTYPES_CUDA = ("float16", "bfloat16", "float32")
 SUPPORTED_DTYPES_CPU = ("float16", "bfloat16", "float32")
 
 

@@ -69,7 +69,9 @@ def start_server(
     port = free_port()
     args = [model, "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny"]
     if rlkv is not None:
-        args += ["--attention-backend", "rlkv", "--additional-config", json.dumps({"rlkv": rlkv})]
+        from .compat import backend_flag
+
+        args += ["--attention-backend", backend_flag(), "--additional-config", json.dumps({"rlkv": rlkv})]
     args += list(extra_args or [])
     if log_path is None:
         fd, log_path = __import__("tempfile").mkstemp(prefix="rlkv-server-", suffix=".log")

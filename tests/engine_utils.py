@@ -52,7 +52,9 @@ def engine_kwargs(model: str, rlkv: dict[str, Any] | None = None, **overrides: A
         enable_prefix_caching=False,
     )
     if rlkv is not None:
-        kw["attention_backend"] = "rlkv"
+        from rlkv_vllm.compat import backend_flag
+
+        kw["attention_backend"] = backend_flag()
         kw["additional_config"] = {"rlkv": rlkv}
     kw.update(overrides)
     return kw

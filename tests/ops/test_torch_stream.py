@@ -11,6 +11,8 @@ from rlkv_vllm.ops.torch_stream import (
 )
 from tests.stream_harness import Case, run_case
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 def torch_ring_step(q, k, v, ring_k, ring_v, plan, scale, out):
     ring_stream_attention(q, k, v, ring_k, ring_v, plan, scale, out)
@@ -20,18 +22,20 @@ def torch_ring_step(q, k, v, ring_k, ring_v, plan, scale, out):
 @pytest.mark.parametrize("sink,recent", [(1, 1), (4, 8), (16, 64), (3, 5)])
 @pytest.mark.parametrize("kv_heads,group", [(1, 1), (2, 3), (1, 7), (3, 2), (2, 8)])
 @pytest.mark.parametrize("head_dim", [32, 64])
-def test_ring_matches_oracle_fp32(sink, recent, kv_heads, group, head_dim):
+@pytest.mark.parametrize("device", DEVICES)
+def test_ring_matches_oracle_fp32(sink, recent, kv_heads, group, head_dim, device):
     case = Case(num_reqs=5, max_len=150, kv_heads=kv_heads, group=group, head_dim=head_dim,
                 sink=sink, recent=recent, seed=hash((sink, recent, kv_heads, group, head_dim)) % 1000)
-    err, n = run_case(case, torch_ring_step)
+    err, n = run_case(case, torch_ring_step, device)
     assert n > 0
     assert err < 1e-5, err
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
-def test_ring_matches_oracle_half(dtype, tol):
+@pytest.mark.parametrize("device", DEVICES)
+def test_ring_matches_oracle_half(dtype, tol, device):
     case = Case(num_reqs=4, max_len=200, kv_heads=2, group=4, head_dim=64, sink=16, recent=64, dtype=dtype, seed=7)
-    err, _ = run_case(case, torch_ring_step)
+    err, _ = run_case(case, torch_ring_step, device)
     assert err < tol, err
 
 

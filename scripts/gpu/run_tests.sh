@@ -1,0 +1,24 @@
+#!/bin/bash
+# Device side (lent GPU, vLLM 0.26.0 carried per ../shared/gpu): run the GPU-relevant tests.
+# carry: [".carry/sm90", ".carry/fi", ".carry/s", ".whl"]; usage: bash scripts/gpu/run_tests.sh [pytest args]
+set -uo pipefail
+t0=$(date +%s)
+bash .carry/s/onecall.sh 0 || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_t .whl/*.whl || exit 1
+# register the vllm.general_plugins entry point without pip: a dist-info on sys.path
+d=/tmp/site_rlkv/rlkv_vllm-0.1.0.dist-info; mkdir -p $d
+printf 'Metadata-Version: 2.1\nName: rlkv-vllm\nVersion: 0.1.0\n' > $d/METADATA
+printf '[vllm.general_plugins]\nrlkv = rlkv_vllm:register\n' > $d/entry_points.txt
+export PYTHONPATH=/tmp/site:/tmp/site_fi:/tmp/site_t:/tmp/site_rlkv:$PWD
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false VLLM_USE_FLASHINFER_SAMPLER=0
+python3 - <<'PY' | tee $OUT/env.txt
+import torch, vllm, triton, transformers, rlkv_vllm
+from importlib.metadata import entry_points
+print("gpu", torch.cuda.get_device_name(0), "torch", torch.__version__, "triton", triton.__version__,
+      "vllm", vllm.__version__, "transformers", transformers.__version__, "rlkv", rlkv_vllm.__version__)
+print("plugins", [e.value for e in entry_points(group="vllm.general_plugins")])
+PY
+echo "setup $(( $(date +%s) - t0 ))s"
+python3 -m pytest -q -ra -p no:cacheprovider --timeout 560 "$@" 2>&1 | tee $OUT/pytest.log \
+  | grep -vE "Warning|warnings.warn|^\s*$|if hasattr|wrapper = lookup"
+echo "total $(( $(date +%s) - t0 ))s"
