@@ -96,3 +96,36 @@ def test_compression_changes_outputs(tiny_model, prompts, tmp_path):
     with engine(tiny_model) as llm:
         stock = greedy(llm, prompts[:8], 60)
     assert sum(a != b for a, b in zip(ours, stock)) >= 6
+
+
+SHAPES = {
+    # (query heads, KV heads, head_dim, block size): GQA groups 1, 3 and 7; non-default blocks
+    "G1-block32": (4, 4, 32, 32),
+    "G7-block256": (14, 2, 32, 256),
+    "G3-block64": (6, 2, 64, 64),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_gqa_groups_and_block_sizes(shape, tmp_path):
+    """Serve mode matches the oracle for GQA groups 1..7 and the platform's block sizes."""
+    from rlkv_vllm.compat import is_cpu_platform
+    from rlkv_vllm.tiny_model import TinyModelSpec
+    from tests.engine_utils import tiny_model_dir
+
+    hq, hk, d, block = SHAPES[shape]
+    if not is_cpu_platform():
+        block = 16 if block == 32 else block  # CUDA: multiples of 16
+    model = tiny_model_dir(TinyModelSpec(num_layers=3, num_q_heads=hq, num_kv_heads=hk, head_dim=d, seed=1))
+    gates = random_gates(3, hk, seed=4)
+    pattern = write_pattern(str(tmp_path / "p.json"), gates)
+    mask = select_full_heads(gates, 0.5, "global")
+    prompts = mixed_prompts(8, seed=6, max_len=90)
+    ref = load_reference_model(model, full_mask=mask, sink=SINK, recent=RECENT)
+    expected = [greedy_generate(ref, p, 60) for p in prompts]
+    rlkv = {"heads": pattern, "sparsity": 0.5, "sink": SINK, "recent": RECENT}
+    with engine(model, rlkv, block_size=block, max_num_batched_tokens=32, max_num_seqs=8) as llm:
+        assert llm.llm_engine.vllm_config.cache_config.block_size == block
+        got = greedy(llm, prompts, 60)
+    for i, (g, w) in enumerate(zip(got, expected)):
+        assert first_mismatch(g, w) is None, f"{shape}: prompt {i} differs at {first_mismatch(g, w)}"
