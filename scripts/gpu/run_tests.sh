@@ -3,7 +3,8 @@
 # carry: [".carry/sm90", ".carry/fi", ".carry/s", ".whl"]; usage: bash scripts/gpu/run_tests.sh [pytest args]
 set -uo pipefail
 t0=$(date +%s)
-bash .carry/s/onecall.sh 0 || exit 1
+bash .carry/s/onecall.sh 0  # its exit code is that of a final du of cache dirs, not of the unpack
+[ -d /tmp/site/vllm ] && [ -d /tmp/llama8b ] || { echo "unpack failed"; exit 1; }
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_t .whl/*.whl || exit 1
 # register the vllm.general_plugins entry point without pip: a dist-info on sys.path
 d=/tmp/site_rlkv/rlkv_vllm-0.1.0.dist-info; mkdir -p $d
