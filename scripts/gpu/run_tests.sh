@@ -12,6 +12,9 @@ printf 'Metadata-Version: 2.1\nName: rlkv-vllm\nVersion: 0.1.0\n' > $d/METADATA
 printf '[vllm.general_plugins]\nrlkv = rlkv_vllm:register\n' > $d/entry_points.txt
 export PYTHONPATH=/tmp/site:/tmp/site_fi:/tmp/site_t:/tmp/site_rlkv:$PWD
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false VLLM_USE_FLASHINFER_SAMPLER=0
+# Triton rounds float32 dots through TF32 by default, in vLLM's own attention too; the
+# token-exact comparisons with the float64 oracle need IEEE float32 (stock and RLKV alike)
+export TRITON_F32_DEFAULT=ieee
 python3 - <<'PY' | tee $OUT/env.txt
 import torch, vllm, triton, transformers, rlkv_vllm
 from importlib.metadata import entry_points
