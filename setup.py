@@ -28,7 +28,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["rlkv_vllm", "rlkv_vllm.*", "trainer", "trainer.*"]),
+    packages=find_packages(include=["rlkv_vllm", "rlkv_vllm.*"]),
     install_requires=[
         "numpy",
         "safetensors",
