@@ -7,6 +7,11 @@ of the full heads. Prints a table and writes benchmarks/results/capacity-<device
 
   python benchmarks/capacity.py                        # tiny local model on this machine
   python benchmarks/capacity.py --model DIR --load-format dummy --pattern FILE --dtype bfloat16
+  python benchmarks/capacity.py --gpu-mem 0.5          # GPU: vLLM profiles the budget itself
+
+With --gpu-mem the budget is vLLM's profiled one; the ring is allocated while the model
+loads, so vLLM counts it like weights. The budget is then read off the stock run
+(its capacity x stock bytes per token).
 """
 
 from __future__ import annotations
@@ -27,9 +32,13 @@ def measure_one(a: argparse.Namespace, sparsity: float | None) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
-    kw = dict(model=a.model, dtype=a.dtype, kv_cache_memory_bytes=a.kv_bytes, max_num_seqs=a.max_num_seqs,
+    kw = dict(model=a.model, dtype=a.dtype, max_num_seqs=a.max_num_seqs,
               max_model_len=a.max_model_len, enforce_eager=True, enable_prefix_caching=False,
               load_format=a.load_format, seed=0)
+    if a.gpu_mem:
+        kw["gpu_memory_utilization"] = a.gpu_mem
+    else:
+        kw["kv_cache_memory_bytes"] = a.kv_bytes
     if a.block_size:
         kw["block_size"] = a.block_size
     if sparsity is not None:
@@ -51,8 +60,6 @@ def measure_one(a: argparse.Namespace, sparsity: float | None) -> dict:
             stock_bytes_per_token=plan.stock_bytes_per_token(),
             zero_full_layers=int((plan.mask.sum(axis=1) == 0).sum()),
         )
-        out["ideal_tokens"] = (a.kv_bytes - plan.ring_nbytes) / plan.ideal_bytes_per_token()
-        out["ratio_to_ideal"] = out["capacity_tokens"] / out["ideal_tokens"]
     return out
 
 
@@ -73,6 +80,7 @@ def main() -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--load-format", default="auto")
     p.add_argument("--kv-bytes", type=int, default=256 << 20)
+    p.add_argument("--gpu-mem", type=float, default=0.0, help="profiled budget (GPU) instead of --kv-bytes")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--block-size", type=int, default=0)
@@ -99,6 +107,7 @@ def main() -> int:
     for label in ["stock"] + a.sparsities.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--one", label, "--model", a.model, "--pattern", a.pattern,
                "--dtype", a.dtype, "--load-format", a.load_format, "--kv-bytes", str(a.kv_bytes),
+               "--gpu-mem", str(a.gpu_mem),
                "--max-num-seqs", str(a.max_num_seqs), "--max-model-len", str(a.max_model_len),
                "--block-size", str(a.block_size)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -110,8 +119,14 @@ def main() -> int:
         print(f"  measured {label}: {rows[-1]['capacity_tokens']:,} tokens", flush=True)
 
     stock = rows[0]["capacity_tokens"]
+    # explicit budget, or (profiled) what the stock run got: its blocks x stock bytes per token
+    budget = a.kv_bytes if not a.gpu_mem else stock * rows[1]["stock_bytes_per_token"]
+    for r in rows[1:]:
+        r["ideal_tokens"] = (budget - r["ring_bytes"]) / r["ideal_bytes_per_token"]
+        r["ratio_to_ideal"] = r["capacity_tokens"] / r["ideal_tokens"]
     print()
-    print(f"KV budget {a.kv_bytes / 2**20:.0f} MiB, model {a.model}, dtype {a.dtype}")
+    how = f"profiled, gpu_memory_utilization {a.gpu_mem}" if a.gpu_mem else "kv_cache_memory_bytes"
+    print(f"KV budget {budget / 2**20:.0f} MiB ({how}), model {a.model}, dtype {a.dtype}")
     print(f"{'sparsity':>8} {'full':>9} {'capacity':>10} {'ideal':>10} {'/ideal':>7} {'vs stock':>9} {'ring MiB':>9}")
     print(f"{'stock':>8} {'':>9} {stock:>10,d} {'':>10} {'':>7} {1.0:>8.2f}x {'':>9}")
     for r in rows[1:]:
@@ -125,10 +140,11 @@ def main() -> int:
     dev = device_name()
     result = {"study": "capacity", "device": dev, "vllm": vllm.__version__, "date": date,
               "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-              "kv_bytes": a.kv_bytes, "model": a.model, "pattern": a.pattern, "dtype": a.dtype,
+              "kv_bytes": budget, "budget_mode": how, "model": a.model, "pattern": a.pattern, "dtype": a.dtype,
               "stock_capacity_tokens": stock, "rows": rows[1:]}
     os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"capacity-{dev.replace(' ', '_')}-{date}.json")
+    tag = f"-gpumem{a.gpu_mem:g}" if a.gpu_mem else ""
+    path = os.path.join(a.out, f"capacity-{dev.replace(' ', '_')}-{date}{tag}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nwrote {os.path.relpath(path)}")

@@ -1,28 +1,10 @@
 #!/bin/bash
-# Device side (lent GPU, vLLM 0.26.0 carried per ../shared/gpu): run the GPU-relevant tests.
-# carry: [".carry/sm90", ".carry/fi", ".carry/s", ".whl"]; usage: bash scripts/gpu/run_tests.sh [pytest args]
+# Device side (lent GPU, vLLM 0.26.0): run tests. usage: bash scripts/gpu/run_tests.sh [pytest args]
+# carry: [".carry/sm90", ".carry/fi", ".carry/s", ".whl"]
 set -uo pipefail
 t0=$(date +%s)
-bash .carry/s/onecall.sh 0  # its exit code is that of a final du of cache dirs, not of the unpack
-[ -d /tmp/site/vllm ] && [ -d /tmp/llama8b ] || { echo "unpack failed"; exit 1; }
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_t .whl/*.whl || exit 1
-# register the vllm.general_plugins entry point without pip: a dist-info on sys.path
-d=/tmp/site_rlkv/rlkv_vllm-0.1.0.dist-info; mkdir -p $d
-printf 'Metadata-Version: 2.1\nName: rlkv-vllm\nVersion: 0.1.0\n' > $d/METADATA
-printf '[vllm.general_plugins]\nrlkv = rlkv_vllm:register\n' > $d/entry_points.txt
-export PYTHONPATH=/tmp/site:/tmp/site_fi:/tmp/site_t:/tmp/site_rlkv:$PWD
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false VLLM_USE_FLASHINFER_SAMPLER=0
-# Triton rounds float32 dots through TF32 by default, in vLLM's own attention too; the
-# token-exact comparisons with the float64 oracle need IEEE float32 (stock and RLKV alike)
-export TRITON_F32_DEFAULT=ieee
-python3 - <<'PY' | tee $OUT/env.txt
-import torch, vllm, triton, transformers, rlkv_vllm
-from importlib.metadata import entry_points
-print("gpu", torch.cuda.get_device_name(0), "torch", torch.__version__, "triton", triton.__version__,
-      "vllm", vllm.__version__, "transformers", transformers.__version__, "rlkv", rlkv_vllm.__version__)
-print("plugins", [e.value for e in entry_points(group="vllm.general_plugins")])
-PY
+source scripts/gpu/setup.sh || exit 1
 echo "setup $(( $(date +%s) - t0 ))s"
-python3 -m pytest -q -ra -p no:cacheprovider --timeout 560 "$@" 2>&1 | tee $OUT/pytest.log \
-  | grep -vE "Warning|warnings.warn|^\s*$|if hasattr|wrapper = lookup"
+python3 -m pytest -q -rA -p no:cacheprovider --timeout 560 "$@" 2>&1 | tee $OUT/pytest.log \
+  | grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|^E " | cut -c1-200
 echo "total $(( $(date +%s) - t0 ))s"
