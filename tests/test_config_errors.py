@@ -126,6 +126,7 @@ def test_settings_without_backend(tiny_model, good_pattern):
 @pytest.mark.slow
 def test_cli_prints_one_line(tiny_model, good_pattern):
     """`rlkv serve` (== vllm serve) with a bad setting: one line on stderr, no traceback."""
+    pytest.importorskip("uvicorn", reason="vLLM's server dependencies are not installed here")
     cfg = json.dumps({"rlkv": {"heads": good_pattern, "sparsity": 2}})
     proc = subprocess.run(
         [sys.executable, "-m", "rlkv_vllm.cli", "serve", tiny_model, "--attention-backend", "rlkv",
