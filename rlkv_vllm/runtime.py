@@ -230,7 +230,7 @@ class RLKVRuntime:
             self.slots.release(done)
         self.metrics.on_step()
 
-    def slot_ids_for_batch(self, num_reqs: int) -> list[int]:  # noqa: D401
+    def slot_ids_for_batch(self, num_reqs: int) -> list[int]:
         """Ring slot per batch row; dummy batches all use the scratch slot."""
         ids = compat.RUNNER_HOOKS.batch_req_ids(num_reqs)
         if ids is None:

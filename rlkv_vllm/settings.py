@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 SELECTIONS = ("global", "per_layer", "explicit")
@@ -190,7 +190,6 @@ class ModelShape:
     num_q_heads: int
     head_size: int
     model_id: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def group_size(self) -> int:

@@ -48,9 +48,13 @@ class RLKVImplMixin:
 
     rlkv_runtime: RLKVRuntime | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rlkv_setup(args, kwargs)
+
     # ------------------------------------------------------------------ set-up
     def _rlkv_setup(self, args: tuple, kwargs: dict) -> None:
-        """Called at the end of __init__ with the stock constructor arguments."""
+        """Decide whether this layer runs RLKV, from the stock constructor arguments."""
         cfg = compat.current_vllm_config()
         self.rlkv_runtime = None
         self._rlkv_layer: int | None = None
@@ -227,6 +231,23 @@ class RLKVBuilderMixin:
     """Mixed into a subclass of the platform's stock metadata builder."""
 
     rlkv_runtime: RLKVRuntime | None = None
+
+    def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._rlkv_find_runtime(kv_cache_spec, layer_names, vllm_config)
+        if self.rlkv_runtime is not None:
+            self._rlkv_adapt_stock_builder(kv_cache_spec, vllm_config)
+
+    def _rlkv_adapt_stock_builder(self, kv_cache_spec: Any, vllm_config: Any) -> None:
+        """Platform hook: tell the stock builder the head counts its kernel really sees."""
+
+    def build(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False) -> Any:
+        if self.rlkv_runtime is None:
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        full = None
+        if self._rlkv_pages_heads():
+            full = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        return self._rlkv_wrap(common_attn_metadata, full)
 
     def _rlkv_find_runtime(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any) -> None:
         from vllm.config import get_layers_from_vllm_config

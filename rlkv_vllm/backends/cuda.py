@@ -8,9 +8,8 @@ Paged layout: vLLM's Triton layout, logical [num_blocks, H, block_size, 2 * head
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import torch
 from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionBackend,
@@ -22,27 +21,13 @@ from .common import RLKVBuilderMixin, RLKVImplMixin
 
 
 class RLKVCudaImpl(RLKVImplMixin, TritonAttentionImpl):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._rlkv_setup(args, kwargs)
+    pass
 
 
 class RLKVCudaMetadataBuilder(RLKVBuilderMixin, TritonAttentionMetadataBuilder):
     # the ring path builds its gather plan eagerly each step: no full CUDA graphs yet
     # (vLLM then captures piecewise graphs around attention)
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
-
-    def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device) -> None:
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self._rlkv_find_runtime(kv_cache_spec, layer_names, vllm_config)
-
-    def build(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False) -> Any:
-        if self.rlkv_runtime is None:
-            return super().build(common_prefix_len, common_attn_metadata, fast_build)
-        full = None
-        if self._rlkv_pages_heads():
-            full = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        return self._rlkv_wrap(common_attn_metadata, full)
 
 
 class RLKVCudaBackend(TritonAttentionBackend):
