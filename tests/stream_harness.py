@@ -2,8 +2,9 @@
 compare every output with the oracle.
 
 Requests get ring slots in random order; each step serves a random subset of them
-with a random chunk (decode = 1 token); the ring starts poisoned with NaN so a read
-of a never-written slot shows up.
+with a random chunk (decode = 1 token), sometimes followed by CUDA-graph style padding
+(extra tokens past query_start_loc[B], extra rows with seq_len 0); the ring starts
+poisoned with NaN so a read of a never-written slot shows up.
 """
 
 from __future__ import annotations
@@ -14,10 +15,28 @@ from typing import Callable
 
 import torch
 
-from rlkv_vllm.ops.torch_stream import build_stream_plan
+from rlkv_vllm.ops.torch_stream import StreamPlan, build_stream_plan
 from rlkv_vllm.reference import oracle_attention
 
-# fn(q [T,H,G,D], k [T,H,D], v, ring_k, ring_v, plan, scale, out [T,H,G,D]) -> None,
+
+
+@dataclass
+class Step:
+    """One step's batch as vLLM hands it to a backend (padding included).
+
+    query_start_loc: [B + 1] (non-decreasing; padding rows repeat the last value);
+    seq_lens: [B] (0 for padding rows); slot_ids: [B] ring slot per row;
+    plan: the PyTorch path's gather plan for the same batch.
+    """
+
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    slot_ids: torch.Tensor
+    num_tokens: int
+    plan: StreamPlan
+
+
+# fn(q [T,H,G,D], k [T,H,D], v, ring_k, ring_v, step, scale, out [T,H,G,D]) -> None,
 # reading the ring and then writing this step's keys into it.
 StreamFn = Callable[..., None]
 
@@ -34,6 +53,7 @@ class Case:
     dtype: torch.dtype = torch.float32
     max_chunk: int = 40
     seed: int = 0
+    pad: bool = False  # add CUDA-graph style padding tokens and rows to some steps
 
 
 def run_case(case: Case, fn: StreamFn, device: str = "cpu") -> tuple[float, int]:
@@ -65,16 +85,29 @@ def run_case(case: Case, fn: StreamFn, device: str = "cpu") -> tuple[float, int]
         for n in chunks:
             qsl.append(qsl[-1] + n)
         seq = [done[i] + n for i, n in zip(batch, chunks)]
-        qs = torch.cat([q[i][done[i] : done[i] + n] for i, n in zip(batch, chunks)])
-        ks = torch.cat([k[i][done[i] : done[i] + n] for i, n in zip(batch, chunks)])
-        vs = torch.cat([v[i][done[i] : done[i] + n] for i, n in zip(batch, chunks)])
-        plan = build_stream_plan(
-            torch.tensor(qsl, device=device), torch.tensor(seq, device=device),
-            torch.tensor([slots[i] for i in batch], device=device), qsl[-1],
-            case.sink, case.recent, num_slots,
-        )
-        o = torch.full((qsl[-1], h, g, d), float("nan"), dtype=case.dtype, device=device)
-        fn(qs.view(-1, h, g, d).to(device), ks.to(device), vs.to(device), ring_k, ring_v, plan, scale, o)
+        slot_rows = [slots[i] for i in batch]
+        n_real = qsl[-1]
+        pad_tokens = pad_rows = 0
+        if case.pad and rng.random() < 0.5:
+            pad_tokens, pad_rows = rng.randint(0, 5), rng.randint(0, 3)
+        qsl += [n_real] * pad_rows
+        seq += [0] * pad_rows
+        slot_rows += [num_slots] * pad_rows
+        num_tokens = n_real + pad_tokens
+
+        def packed(x: list[torch.Tensor]) -> torch.Tensor:
+            y = torch.cat([x[i][done[i] : done[i] + n] for i, n in zip(batch, chunks)])
+            return torch.cat([y, torch.randn(pad_tokens, *y.shape[1:], generator=gen).to(y.dtype)])
+
+        qs, ks, vs = packed(q), packed(k), packed(v)
+        qsl_t = torch.tensor(qsl, device=device, dtype=torch.int32)
+        seq_t = torch.tensor(seq, device=device, dtype=torch.int32)
+        slot_t = torch.tensor(slot_rows, device=device, dtype=torch.int32)
+        plan = build_stream_plan(qsl_t, seq_t, slot_t, num_tokens, case.sink, case.recent, num_slots)
+        step = Step(qsl_t, seq_t, slot_t, num_tokens, plan)
+        o = torch.full((num_tokens, h, g, d), float("nan"), dtype=case.dtype, device=device)
+        fn(qs.view(-1, h, g, d).to(device), ks.to(device), vs.to(device), ring_k, ring_v, step, scale, o)
+        assert torch.isfinite(o[n_real:]).all(), "padding tokens got a non-finite output"
         o = o.view(-1, h * g, d).cpu()
         for j, (i, n) in enumerate(zip(batch, chunks)):
             out[i][done[i] : done[i] + n] = o[qsl[j] : qsl[j + 1]]

@@ -14,9 +14,9 @@ from tests.stream_harness import Case, run_case
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def torch_ring_step(q, k, v, ring_k, ring_v, plan, scale, out):
-    ring_stream_attention(q, k, v, ring_k, ring_v, plan, scale, out)
-    ring_write(ring_k, ring_v, k, v, plan)
+def torch_ring_step(q, k, v, ring_k, ring_v, step, scale, out):
+    ring_stream_attention(q, k, v, ring_k, ring_v, step.plan, scale, out)
+    ring_write(ring_k, ring_v, k, v, step.plan)
 
 
 @pytest.mark.parametrize("sink,recent", [(1, 1), (4, 8), (16, 64), (3, 5)])
@@ -25,7 +25,7 @@ def torch_ring_step(q, k, v, ring_k, ring_v, plan, scale, out):
 @pytest.mark.parametrize("device", DEVICES)
 def test_ring_matches_oracle_fp32(sink, recent, kv_heads, group, head_dim, device):
     case = Case(num_reqs=5, max_len=150, kv_heads=kv_heads, group=group, head_dim=head_dim,
-                sink=sink, recent=recent, seed=hash((sink, recent, kv_heads, group, head_dim)) % 1000)
+                sink=sink, recent=recent, seed=hash((sink, recent, kv_heads, group, head_dim)) % 1000, pad=True)
     err, n = run_case(case, torch_ring_step, device)
     assert n > 0
     assert err < 1e-5, err
