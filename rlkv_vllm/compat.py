@@ -182,14 +182,13 @@ class RunnerHooks:
         return self.dummy_depth > 0
 
     def batch_req_ids(self, num_reqs: int) -> list[str] | None:
-        """Request ids of the current batch rows, or None outside a real step."""
+        """Request ids of the real batch rows (possibly fewer than num_reqs), or None
+        outside a real step."""
         runner = self.runner
         if runner is None or self.in_dummy_run:
             return None
-        ids = runner.input_batch.req_ids
-        if len(ids) < num_reqs:
-            return None
-        return list(ids[:num_reqs])
+        # CUDA-graph batches pad rows past the real ones: callers give those the scratch slot
+        return list(runner.input_batch.req_ids[:num_reqs])
 
 
 RUNNER_HOOKS = RunnerHooks()

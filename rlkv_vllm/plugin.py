@@ -65,6 +65,11 @@ def check_engine_config(vllm_config: Any) -> None:
 
     plan = build_plan(vllm_config, tp_rank=0)
     _check_model(vllm_config, plan)
+    if plan.settings.kernel == "triton" and compat.is_cpu_platform():
+        raise RLKVConfigError(
+            "rlkv.kernel = 'triton' is not allowed on the CPU platform: the Triton kernels "
+            "need a CUDA device; allowed here: auto, torch"
+        )
 
     vllm_config.additional_config = {**extra, "rlkv": plan.settings.to_dict()}
     cache = vllm_config.cache_config

@@ -157,6 +157,13 @@ def build_plan(vllm_config: Any, tp_rank: int | None = None) -> RLKVPlan:
     )
 
 
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """The streaming-pool implementation to run: "triton" or "torch"."""
+    if kernel == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return kernel
+
+
 class RLKVRuntime:
     """A worker's RLKV state for one engine. Created by the first RLKV attention layer."""
 
@@ -176,6 +183,10 @@ class RLKVRuntime:
             raise RLKVConfigError(f"layers hold different numbers of KV heads: {local}")
         self.gates = self._local_gates(self.plan.gates).to(self.device)
         self._plan_cache: tuple[Any, Any] | None = None
+        self.kernel = resolve_kernel(self.settings.kernel, self.device)
+        sched = vllm_config.scheduler_config
+        rows = max(self.plan.max_num_seqs, int(getattr(sched, "max_num_batched_tokens", 0) or 0)) + 1
+        self.slot_buffer = torch.full((rows,), self.plan.max_num_seqs, dtype=torch.int32, device=self.device)
         self.preemptions_seen = 0
         self.metrics.on_slots(self.slots)
 
@@ -232,13 +243,24 @@ class RLKVRuntime:
 
     def slot_ids_for_batch(self, num_reqs: int) -> list[int]:
         """Ring slot per batch row; dummy batches all use the scratch slot."""
+        scratch = self.plan.max_num_seqs
         ids = compat.RUNNER_HOOKS.batch_req_ids(num_reqs)
         if ids is None:
-            return [self.plan.max_num_seqs] * num_reqs
+            return [scratch] * num_reqs
         runner = compat.RUNNER_HOOKS.runner
         known = getattr(runner, "requests", None)
         alive = (lambda rid: rid in known) if known is not None else None
-        return self.slots.assign(ids, alive=alive)
+        return self.slots.assign(ids, alive=alive) + [scratch] * (num_reqs - len(ids))
+
+    def slot_ids_on_device(self, num_reqs: int) -> torch.Tensor:
+        """This step's ring slot per batch row, in a persistent device buffer (CUDA graphs
+        capture its address). Returns a view of its first ``num_reqs`` entries."""
+        slots = self.slot_ids_for_batch(num_reqs)
+        if num_reqs > self.slot_buffer.shape[0]:
+            raise RuntimeError(f"batch of {num_reqs} rows exceeds the ring slot buffer")
+        buf = self.slot_buffer[:num_reqs]
+        buf.copy_(torch.tensor(slots, dtype=torch.int32), non_blocking=True)
+        return buf
 
     def cached_step_value(self, key: Any, make: Any) -> Any:
         """Share one per-step computation (the stream plan) across attention groups."""

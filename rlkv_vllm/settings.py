@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 SELECTIONS = ("global", "per_layer", "explicit")
 MODES = ("serve", "gated")
+KERNELS = ("auto", "triton", "torch")
 
 Selection = Literal["global", "per_layer", "explicit"]
 Mode = Literal["serve", "gated"]
@@ -39,6 +40,8 @@ class RLKVSettings:
     mode: "serve" (split KV cache, memory saved) or "gated" (full cache for every
         head, outputs mixed with per-head alpha; used by the trainer's rollouts).
     full_heads: explicit (layer, kv_head) pairs of full heads, for selection="explicit".
+    kernel: streaming-pool implementation: "triton" (fused kernels, CUDA graphs),
+        "torch" (the PyTorch path), or "auto" (triton on CUDA, torch elsewhere).
     """
 
     heads: str | None = None
@@ -48,6 +51,7 @@ class RLKVSettings:
     selection: Selection = "global"
     mode: Mode = "serve"
     full_heads: tuple[tuple[int, int], ...] | None = None
+    kernel: str = "auto"
 
     @property
     def window(self) -> int:
@@ -137,6 +141,10 @@ def parse_settings(raw: Any, base_dir: str | None = None) -> RLKVSettings:
     if mode not in MODES:
         raise config_error("mode", mode, f"must be one of {', '.join(MODES)}")
 
+    kernel = raw.get("kernel", "auto")
+    if kernel not in KERNELS:
+        raise config_error("kernel", kernel, f"must be one of {', '.join(KERNELS)}")
+
     sparsity = _as_sparsity(raw.get("sparsity", 0.5))
     sink = _as_int("sink", raw.get("sink", 16))
     recent = _as_int("recent", raw.get("recent", 64))
@@ -178,6 +186,7 @@ def parse_settings(raw: Any, base_dir: str | None = None) -> RLKVSettings:
         selection=selection,
         mode=mode,
         full_heads=full_heads,
+        kernel=kernel,
     )
 
 

@@ -35,6 +35,7 @@ def test_relative_path_resolved(tmp_path, pattern):
         ({"recent": 2.5}, "recent", "positive integer"),
         ({"selection": "top"}, "selection", "global, per_layer, explicit"),
         ({"mode": "fast"}, "mode", "serve, gated"),
+        ({"kernel": "cuda"}, "kernel", "auto, triton, torch"),
         ({"colour": 1}, "colour", "allowed keys"),
         ({"full_heads": [[0, 1]]}, "full_heads", "explicit"),
     ],

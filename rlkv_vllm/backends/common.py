@@ -28,13 +28,21 @@ from ..settings import RLKVConfigError
 class RLKVMetadata:
     """Per-step metadata for one attention group.
 
-    full: the stock backend's metadata for the paged (full) heads.
-    plan: streaming gather/scatter indices shared by all layers of the step.
+    full: the stock backend's metadata for the paged (full) heads (None for the group
+        of layers with no full head).
+    query_start_loc: [B + 1], seq_lens: [B], slot_mapping: [>= T]: vLLM's persistent
+        per-step device buffers; slot_ids: [B] ring slot per batch row (our persistent
+        buffer). All four keep their addresses across steps, so CUDA graphs replay.
+    plan: the PyTorch path's gather plan (None when the Triton kernels run).
     """
 
     full: Any
-    plan: StreamPlan
     num_actual_tokens: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    slot_ids: torch.Tensor
+    slot_mapping: torch.Tensor
+    plan: StreamPlan | None
 
 
 def _decoder_type() -> str:
@@ -47,6 +55,9 @@ class RLKVImplMixin:
     """Mixed into a subclass of the platform's stock AttentionImpl."""
 
     rlkv_runtime: RLKVRuntime | None = None
+    # True where the backend declares forward_includes_kv_cache_update: vLLM then never
+    # calls do_kv_cache_update, and forward stores keys itself (after the ring reads)
+    _rlkv_writes_in_forward: bool = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -125,6 +136,10 @@ class RLKVImplMixin:
             full, stream = tuple(range(self.num_kv_heads)), ()
             self._paged_slots = self.num_kv_heads
         self._group = g
+        pad = (self._paged_slots - len(full)) if full else 0
+        # the model KV head stored in each paged / ring head (-1: TP padding head)
+        self._paged_src = torch.tensor(list(full) + [-1] * pad, dtype=torch.int32, device=dev)
+        self._ring_src = torch.tensor(stream if rt.serve else full, dtype=torch.int32, device=dev)
         self._full_kv = torch.tensor(full, dtype=torch.long, device=dev)
         self._full_q = q_of(full)
         self._stream_kv = torch.tensor(stream, dtype=torch.long, device=dev)
@@ -162,6 +177,10 @@ class RLKVImplMixin:
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):  # type: ignore[no-untyped-def]
         if self.rlkv_runtime is None:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        return self._paged_update_torch(layer, key, value, kv_cache, slot_mapping)
+
+    def _paged_update_torch(self, layer, key, value, kv_cache, slot_mapping):  # type: ignore[no-untyped-def]
+        """Store the full heads through the stock impl (on their gathered subset)."""
         self.rlkv_bind(layer)
         if self._inner is None:
             return None
@@ -172,6 +191,8 @@ class RLKVImplMixin:
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):  # type: ignore[no-untyped-def]
         if self.rlkv_runtime is None:
+            if self._rlkv_writes_in_forward and attn_metadata is not None and key is not None:
+                super().do_kv_cache_update(layer, key, value, kv_cache, attn_metadata.slot_mapping)
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         if attn_metadata is None:
             return output  # profiling warm-up
@@ -183,6 +204,8 @@ class RLKVImplMixin:
         n = md.num_actual_tokens
         q, k, v = query[:n], key[:n], value[:n]
         out = output[:n]
+        if self._rlkv_writes_in_forward and self.rlkv_runtime.kernel == "torch":
+            self._paged_update_torch(layer, k, v, kv_cache, md.slot_mapping[:n])
         if self.rlkv_runtime.serve:
             self._forward_serve(layer, q, k, v, kv_cache, md, out)
         else:
@@ -265,15 +288,21 @@ class RLKVBuilderMixin:
     def _rlkv_wrap(self, common_attn_metadata: Any, full_md: Any) -> RLKVMetadata:
         rt = self.rlkv_runtime
         cm = common_attn_metadata
+        n_reqs = cm.num_reqs
 
-        def make_plan() -> StreamPlan:
-            n_reqs = cm.num_reqs
-            slots = rt.slot_ids_for_batch(n_reqs)
-            slot_t = torch.tensor(slots, dtype=torch.int64).to(cm.query_start_loc.device, non_blocking=True)
-            return build_stream_plan(
-                cm.query_start_loc[: n_reqs + 1], cm.seq_lens[:n_reqs], slot_t, cm.num_actual_tokens,
-                rt.settings.sink, rt.settings.recent, rt.plan.max_num_seqs,
-            )
+        def step_state() -> tuple[torch.Tensor, StreamPlan | None]:
+            slot_ids = rt.slot_ids_on_device(n_reqs)
+            plan = None
+            if rt.kernel == "torch":
+                plan = build_stream_plan(
+                    cm.query_start_loc[: n_reqs + 1], cm.seq_lens[:n_reqs], slot_ids, cm.num_actual_tokens,
+                    rt.settings.sink, rt.settings.recent, rt.plan.max_num_seqs,
+                )
+            return slot_ids, plan
 
-        plan = rt.cached_step_value(cm, make_plan)
-        return RLKVMetadata(full=full_md, plan=plan, num_actual_tokens=cm.num_actual_tokens)
+        slot_ids, plan = rt.cached_step_value(cm, step_state)
+        return RLKVMetadata(
+            full=full_md, num_actual_tokens=cm.num_actual_tokens,
+            query_start_loc=cm.query_start_loc[: n_reqs + 1], seq_lens=cm.seq_lens[:n_reqs],
+            slot_ids=slot_ids, slot_mapping=cm.slot_mapping, plan=plan,
+        )

@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Decode attention kernel study: RLKV's split pools vs stock vLLM kernels, same data.
+
+One layer of the Llama-8B-R1 shape (32 query / 8 KV heads, head_dim 128, bf16,
+block 16), one decode token per request, every request at the same context. For each
+(context, batch) the stock kernels attend all 8 KV heads; for each sparsity s RLKV
+attends round(8 * (1 - s)) full heads through a paged kernel (the gathered subset, as
+the backend does) plus the streaming heads through ``ring_attention`` over 80 slots.
+
+Measured: each sequence is captured in a CUDA graph (vLLM replays decode that way)
+and timed over many replays with CUDA events. Bandwidth = bytes the kernels must read
+(KV of the heads attended, plus q and out) / time, against the device's measured
+copy bandwidth (a large device-to-device copy).
+
+  python benchmarks/kernel_study.py                       # the full grid (GPU)
+  python benchmarks/kernel_study.py --contexts 1024 4096 --batches 1 8
+
+Writes benchmarks/results/kernel-<device>-vllm<version>-<date>.json; plot it with
+benchmarks/plot_study.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SPARSITIES = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8]
+
+
+@dataclass
+class Shape:
+    q_heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    block_size: int = 16
+    sink: int = 16
+    recent: int = 64
+    dtype: torch.dtype = torch.bfloat16
+
+
+def time_graph(fn: Callable[[], None], iters: int) -> float:
+    """Median-free mean microseconds per call of fn, replayed from a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # compile + warm up outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
+
+
+def copy_bandwidth_gbs(nbytes: int = 4 << 30) -> float:
+    """Device-to-device copy bandwidth (read + write bytes per second)."""
+    a = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda")
+    b = torch.empty_like(a)
+    us = time_graph(lambda: b.copy_(a), 20)
+    del a, b
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+class PagedKV:
+    """A paged cache for `heads` KV heads, every request at context `ctx`, block table
+    randomly permuted. k/v views are [num_blocks, block_size, heads, D]."""
+
+    def __init__(self, sh: Shape, batch: int, ctx: int, heads: int, gen: torch.Generator) -> None:
+        blocks_per = (ctx + sh.block_size - 1) // sh.block_size
+        n = batch * blocks_per + 1
+        self.kv = torch.empty(2, n, sh.block_size, heads, sh.head_dim, dtype=sh.dtype, device="cuda")
+        self.kv.normal_(generator=gen)
+        perm = torch.randperm(n - 1, generator=gen, device="cuda")[: batch * blocks_per] + 1
+        self.block_table = perm.view(batch, blocks_per).to(torch.int32)
+        self.seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        self.k, self.v = self.kv[0], self.kv[1]
+
+
+def stock_kernels() -> dict[str, Callable[..., Callable[[], None]]]:
+    """name -> make(q, out, paged, qsl, ctx) returning a zero-argument launch."""
+    made: dict[str, Callable[..., Callable[[], None]]] = {}
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+        fa_version = get_flash_attn_version(head_size=128)
+
+        def make_fa(q, out, paged, qsl, ctx, scale):
+            return lambda: flash_attn_varlen_func(
+                q=q, k=paged.k, v=paged.v, out=out, cu_seqlens_q=qsl, max_seqlen_q=1,
+                seqused_k=paged.seq_lens, max_seqlen_k=ctx, softmax_scale=scale, causal=True,
+                block_table=paged.block_table, fa_version=fa_version)
+
+        made["FLASH_ATTN"] = make_fa
+    except Exception as e:  # noqa: BLE001 - report and go on with the others
+        print(f"FLASH_ATTN unavailable: {e}", file=sys.stderr)
+    try:
+        from vllm.v1.attention.backends.triton_attn import (
+            MIN_LAUNCH_GRID_SIZE_2D,
+            NUM_PAR_SOFTMAX_SEGMENTS,
+        )
+        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+
+        def make_triton(q, out, paged, qsl, ctx, scale):
+            b, hq, d = q.shape[0], q.shape[1], q.shape[2]
+            hk = paged.k.shape[2]
+            thr = MIN_LAUNCH_GRID_SIZE_2D // hk  # as vLLM's builder sets it (no graph rounding)
+            seg = NUM_PAR_SOFTMAX_SEGMENTS
+            so = torch.empty(max(thr, b), hq, seg, d, dtype=torch.float32, device="cuda")
+            sm = torch.empty(max(thr, b), hq, seg, dtype=torch.float32, device="cuda")
+            se = torch.empty_like(sm)
+            return lambda: unified_attention(
+                q=q, k=paged.k, v=paged.v, out=out, cu_seqlens_q=qsl, max_seqlen_q=1,
+                seqused_k=paged.seq_lens, max_seqlen_k=ctx, softmax_scale=scale, causal=True,
+                window_size=(-1, -1), block_table=paged.block_table, softcap=0, q_descale=None,
+                k_descale=None, v_descale=None, seq_threshold_3D=thr, num_par_softmax_segments=seg,
+                softmax_segm_output=so, softmax_segm_max=sm, softmax_segm_expsum=se)
+
+        made["TRITON_ATTN"] = make_triton
+    except Exception as e:  # noqa: BLE001
+        print(f"TRITON_ATTN unavailable: {e}", file=sys.stderr)
+    return made
+
+
+def rlkv_launch(sh: Shape, q, out, full_paged, n_full, stream_kv, ring, slot_ids, qsl, ctx, scale,
+                make_full) -> Callable[[], None]:
+    """What the backend runs per layer for decode attention: ring kernel on the streaming
+    heads (in place into out), the stock kernel on the gathered full heads, scatter back."""
+    from rlkv_vllm.ops.triton_stream import ring_attention
+
+    g = sh.q_heads // sh.kv_heads
+    full_kv = [h for h in range(sh.kv_heads) if h not in stream_kv]
+    full_q = torch.tensor([h * g + i for h in full_kv for i in range(g)], device="cuda")
+    ring_src = torch.tensor(stream_kv, dtype=torch.int32, device="cuda")
+    b = q.shape[0]
+    seq_lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+    k_tok = torch.randn(b, sh.kv_heads, sh.head_dim, dtype=sh.dtype, device="cuda")
+    v_tok = torch.randn_like(k_tok)
+    if not stream_kv:  # all heads full: the backend hands q and out to the stock kernel as they are
+        return make_full(q, out, full_paged, qsl, ctx, scale)
+    qf = torch.empty(b, len(full_q), sh.head_dim, dtype=sh.dtype, device="cuda")
+    of = torch.empty_like(qf)
+    full = make_full(qf, of, full_paged, qsl, ctx, scale) if n_full else None
+
+    def run() -> None:
+        if stream_kv:
+            ring_attention(q, k_tok, v_tok, out, ring[0], ring[1], ring_src, qsl, seq_lens, slot_ids,
+                           sh.sink, sh.recent, scale)
+        if full is not None:
+            torch.index_select(q, 1, full_q, out=qf)
+            full()
+            out[:, full_q] = of
+
+    return run
+
+
+def study(a: argparse.Namespace) -> dict:
+    sh = Shape()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    bw = copy_bandwidth_gbs()
+    print(f"device copy bandwidth: {bw:.0f} GB/s", flush=True)
+    kernels = stock_kernels()
+    scale = sh.head_dim**-0.5
+    g = sh.q_heads // sh.kv_heads
+    elt = torch.finfo(sh.dtype).bits // 8
+    rows = []
+    for ctx in a.contexts:
+        for batch in a.batches:
+            if batch * ctx > a.max_tokens:
+                continue
+            q = torch.randn(batch, sh.q_heads, sh.head_dim, dtype=sh.dtype, device="cuda", generator=gen)
+            out = torch.empty_like(q)
+            qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+            qo_bytes = 2 * q.numel() * elt
+            stock_paged = PagedKV(sh, batch, ctx, sh.kv_heads, gen)
+            stock_bytes = 2 * batch * ctx * sh.kv_heads * sh.head_dim * elt + qo_bytes
+            base: dict[str, float] = {}
+            for name, make in kernels.items():
+                us = time_graph(make(q, out, stock_paged, qsl, ctx, scale), a.iters)
+                base[name] = us
+                rows.append(dict(context=ctx, batch=batch, kernel=name, sparsity=None, us=round(us, 2),
+                                 bytes=stock_bytes, gbs=round(stock_bytes / us / 1e3, 1),
+                                 bw_frac=round(stock_bytes / us / 1e3 / bw, 3)))
+            del stock_paged
+            c = sh.sink + sh.recent
+            ring_k = torch.randn((batch + 1) * c, sh.kv_heads, sh.head_dim, dtype=sh.dtype, device="cuda",
+                                 generator=gen)
+            ring_v = torch.randn_like(ring_k)
+            slot_ids = torch.randperm(batch, device="cuda", generator=gen).to(torch.int32)
+            for s in a.sparsities:
+                n_full = round(sh.kv_heads * (1 - s))
+                stream_kv = sorted(torch.randperm(sh.kv_heads, generator=torch.Generator().manual_seed(1))
+                                   [: sh.kv_heads - n_full].tolist())
+                full_paged = PagedKV(sh, batch, ctx, n_full, gen) if n_full else None
+                ring = (ring_k[:, : len(stream_kv)], ring_v[:, : len(stream_kv)])
+                ring = (ring[0].contiguous(), ring[1].contiguous())
+                nbytes = (2 * batch * ctx * n_full * sh.head_dim * elt
+                          + 2 * batch * c * len(stream_kv) * sh.head_dim * elt + qo_bytes)
+                for name, make in kernels.items():
+                    run = rlkv_launch(sh, q, out, full_paged, n_full, stream_kv, ring, slot_ids, qsl, ctx,
+                                      scale, make)
+                    us = time_graph(run, a.iters)
+                    rows.append(dict(context=ctx, batch=batch, kernel=f"RLKV+{name}", sparsity=s,
+                                     full_heads=n_full, us=round(us, 2), bytes=nbytes,
+                                     gbs=round(nbytes / us / 1e3, 1), bw_frac=round(nbytes / us / 1e3 / bw, 3),
+                                     speedup_vs_stock_same_kernel=round(base[name] / us, 3),
+                                     speedup_vs_flash_attn=round(base.get("FLASH_ATTN", float("nan")) / us, 3)))
+                # the streaming pool alone (what the ring kernel costs)
+                if stream_kv:
+                    run = rlkv_launch(sh, q, out, None, 0, stream_kv, ring, slot_ids, qsl, ctx, scale, None)
+                    us = time_graph(run, a.iters)
+                    rb = 2 * batch * c * len(stream_kv) * sh.head_dim * elt + qo_bytes * len(stream_kv) // sh.kv_heads
+                    rows.append(dict(context=ctx, batch=batch, kernel="ring_only", sparsity=s,
+                                     us=round(us, 2), bytes=rb, gbs=round(rb / us / 1e3, 1)))
+                del full_paged
+                print(f"ctx {ctx:>6} batch {batch:>4} s {s:.1f}: "
+                      + "  ".join(f"{r['kernel']} {r['us']:.1f}us" for r in rows[-(len(kernels) + 1):]),
+                      flush=True)
+            torch.cuda.empty_cache()
+    return dict(copy_bandwidth_gbs=round(bw, 1), rows=rows)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
+    p.add_argument("--sparsities", type=float, nargs="+", default=SPARSITIES)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--max-tokens", type=int, default=1 << 21, help="skip batch x context above this")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        print("kernel_study needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import vllm
+
+    t0 = time.time()
+    res = study(a)
+    dev = torch.cuda.get_device_name(0)
+    date = datetime.date.today().isoformat()
+    res.update(study="kernel", device=dev, vllm=vllm.__version__, torch=torch.__version__, date=date,
+               command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), seconds=round(time.time() - t0, 1),
+               shape=dict(q_heads=32, kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16, sink=16, recent=64))
+    out = a.out or os.path.join(HERE, "results", f"kernel-{dev.replace(' ', '_')}-vllm{vllm.__version__}-{date}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
