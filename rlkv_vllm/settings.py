@@ -14,6 +14,7 @@ from typing import Any, Literal
 SELECTIONS = ("global", "per_layer", "explicit")
 MODES = ("serve", "gated")
 KERNELS = ("auto", "triton", "torch")
+FULL_KERNELS = ("auto", "flash_attn", "triton")
 
 Selection = Literal["global", "per_layer", "explicit"]
 Mode = Literal["serve", "gated"]
@@ -42,6 +43,8 @@ class RLKVSettings:
     full_heads: explicit (layer, kv_head) pairs of full heads, for selection="explicit".
     kernel: streaming-pool implementation: "triton" (fused kernels, CUDA graphs),
         "torch" (the PyTorch path), or "auto" (triton on CUDA, torch elsewhere).
+    full_kernel: CUDA kernel for the full heads: "flash_attn", "triton" (vLLM's
+        Triton unified attention; also float32), or "auto" (flash_attn where usable).
     """
 
     heads: str | None = None
@@ -52,6 +55,7 @@ class RLKVSettings:
     mode: Mode = "serve"
     full_heads: tuple[tuple[int, int], ...] | None = None
     kernel: str = "auto"
+    full_kernel: str = "auto"
 
     @property
     def window(self) -> int:
@@ -145,6 +149,10 @@ def parse_settings(raw: Any, base_dir: str | None = None) -> RLKVSettings:
     if kernel not in KERNELS:
         raise config_error("kernel", kernel, f"must be one of {', '.join(KERNELS)}")
 
+    full_kernel = raw.get("full_kernel", "auto")
+    if full_kernel not in FULL_KERNELS:
+        raise config_error("full_kernel", full_kernel, f"must be one of {', '.join(FULL_KERNELS)}")
+
     sparsity = _as_sparsity(raw.get("sparsity", 0.5))
     sink = _as_int("sink", raw.get("sink", 16))
     recent = _as_int("recent", raw.get("recent", 64))
@@ -187,6 +195,7 @@ def parse_settings(raw: Any, base_dir: str | None = None) -> RLKVSettings:
         mode=mode,
         full_heads=full_heads,
         kernel=kernel,
+        full_kernel=full_kernel,
     )
 
 

@@ -36,6 +36,7 @@ def test_relative_path_resolved(tmp_path, pattern):
         ({"selection": "top"}, "selection", "global, per_layer, explicit"),
         ({"mode": "fast"}, "mode", "serve, gated"),
         ({"kernel": "cuda"}, "kernel", "auto, triton, torch"),
+        ({"full_kernel": "fa4"}, "full_kernel", "auto, flash_attn, triton"),
         ({"colour": 1}, "colour", "allowed keys"),
         ({"full_heads": [[0, 1]]}, "full_heads", "explicit"),
     ],

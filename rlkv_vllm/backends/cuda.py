@@ -5,13 +5,19 @@ Per layer and step (serve mode, kernel "triton", the default here):
    step's q/k/v and the ring into the output (no gathers);
 2. ``fused_kv_write``: full heads into the paged cache and streaming heads into the
    ring, one launch, after (1) read the ring;
-3. vLLM's Triton unified attention for the full heads, on their gathered subset.
+3. vLLM's FlashAttention (fp16/bf16, where this build has it) or Triton unified
+   attention (also float32) for the full heads, on their gathered subset.
 Every index is computed on the device from persistent buffers, so the builder declares
-the stock Triton backend's CUDA-graph support (FULL graphs included).
+the stock backend's CUDA-graph support (FULL graphs included).
 Gated mode: paged write, full attention into the output, ring attention mixing in
 place with alpha, ring write.
 Kernel "torch" keeps the PyTorch ring path (piecewise graphs only).
-Paged layout: vLLM's Triton layout, logical [num_blocks, H, block_size, 2 * head_size].
+Paged layout: vLLM's, logical [num_blocks, H, block_size, 2 * head_size] in 0.26+
+(older FlashAttention: [2, num_blocks, block_size, H, head_size]).
+
+The stock base is picked per engine when vLLM resolves the backend path
+(``RLKVCudaBackend`` is looked up through this module's ``__getattr__``): see
+``select_backend``. One engine per process sees one choice (vLLM caches it by dtype).
 """
 
 from __future__ import annotations
@@ -31,14 +37,28 @@ from ..ops.triton_stream import fused_kv_write, ring_attention
 from ..runtime import resolve_kernel
 from .common import RLKVBuilderMixin, RLKVImplMixin, RLKVMetadata
 
+try:
+    from vllm.v1.attention.backends.flash_attn import (
+        FlashAttentionBackend,
+        FlashAttentionImpl,
+        FlashAttentionMetadataBuilder,
+    )
+except ImportError:  # a build without vllm_flash_attn: Triton only
+    FlashAttentionBackend = None  # type: ignore[assignment,misc]
+
 
 def paged_key_value(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[num_blocks, block_size, H, D] key and value views of a Triton-layout cache."""
+    """[num_blocks, block_size, H, D] key and value views of the paged cache."""
+    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:  # [2, blocks, block_size, H, D]
+        key_cache, value_cache = kv_cache.unbind(0)
+        return key_cache, value_cache
     key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
     return key_cache, value_cache
 
 
-class RLKVCudaImpl(RLKVImplMixin, TritonAttentionImpl):
+class RLKVCudaImplMixin(RLKVImplMixin):
+    """The Triton-kernel forward paths, over any stock impl that reads the paged cache."""
+
     _rlkv_writes_in_forward = True
 
     def _forward_serve(self, layer, q, k, v, kv_cache, md: RLKVMetadata, out) -> None:  # type: ignore[no-untyped-def]
@@ -73,37 +93,34 @@ class RLKVCudaImpl(RLKVImplMixin, TritonAttentionImpl):
                        *rows, sink, recent)
 
 
-class RLKVCudaMetadataBuilder(RLKVBuilderMixin, TritonAttentionMetadataBuilder):
+class RLKVCudaBuilderMixin(RLKVBuilderMixin):
     @classmethod
     def get_cudagraph_support(cls, vllm_config: Any, kv_cache_spec: Any) -> AttentionCGSupport:
         # the Triton kernels index from persistent buffers: the stock backend's support
         # holds for them; the PyTorch path builds its gather plan eagerly each step
-        raw = ((vllm_config.additional_config or {}).get("rlkv") or {}).get("kernel", "auto")
-        device = torch.device(vllm_config.device_config.device)
-        if resolve_kernel(raw, device) == "triton":
+        if _rlkv_setting(vllm_config, "kernel") == "triton":
             return super().get_cudagraph_support(vllm_config, kv_cache_spec)
         return AttentionCGSupport.NEVER
 
 
-class RLKVCudaBackend(TritonAttentionBackend):
-    """Triton attention for the full heads plus RLKV's streaming pool."""
+def _rlkv_setting(vllm_config: Any, key: str) -> str:
+    raw = ((getattr(vllm_config, "additional_config", None) or {}).get("rlkv") or {}).get(key, "auto")
+    if key == "kernel":
+        return resolve_kernel(raw, torch.device(vllm_config.device_config.device))
+    return raw
+
+
+class RLKVCudaBackendMixin:
+    """What every RLKV CUDA backend declares, whatever its stock base."""
 
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
-    # RLKV stores keys inside forward, after the ring reads (see RLKVCudaImpl)
+    # RLKV stores keys inside forward, after the ring reads (see RLKVCudaImplMixin)
     forward_includes_kv_cache_update: bool = True
 
     @staticmethod
     def get_name() -> str:
         # a member that exists in every process: new names only exist once the plugin loaded
         return "CUSTOM"
-
-    @staticmethod
-    def get_impl_cls() -> type[RLKVCudaImpl]:
-        return RLKVCudaImpl
-
-    @staticmethod
-    def get_builder_cls() -> type[RLKVCudaMetadataBuilder]:
-        return RLKVCudaMetadataBuilder
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
@@ -124,3 +141,93 @@ class RLKVCudaBackend(TritonAttentionBackend):
     @classmethod
     def supports_batch_invariance(cls) -> bool:
         return False
+
+
+# ------------------------------------------------------------- Triton base (any dtype)
+class RLKVTritonImpl(RLKVCudaImplMixin, TritonAttentionImpl):
+    pass
+
+
+class RLKVTritonBuilder(RLKVCudaBuilderMixin, TritonAttentionMetadataBuilder):
+    pass
+
+
+class RLKVTritonBackend(RLKVCudaBackendMixin, TritonAttentionBackend):
+    """vLLM's Triton attention for the full heads plus RLKV's streaming pool."""
+
+    @staticmethod
+    def get_impl_cls() -> type[RLKVTritonImpl]:
+        return RLKVTritonImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[RLKVTritonBuilder]:
+        return RLKVTritonBuilder
+
+
+# ------------------------------------------------ FlashAttention base (fp16 / bf16)
+if FlashAttentionBackend is not None:
+
+    class RLKVFlashImpl(RLKVCudaImplMixin, FlashAttentionImpl):
+        pass
+
+    class RLKVFlashBuilder(RLKVCudaBuilderMixin, FlashAttentionMetadataBuilder):
+        def _rlkv_adapt_stock_builder(self, kv_cache_spec: Any, vllm_config: Any) -> None:
+            # FA3's ahead-of-time scheduler is sized by the heads the kernel really sees
+            group = self.num_heads_q // self.num_heads_kv
+            self.num_heads_kv = kv_cache_spec.num_kv_heads
+            self.num_heads_q = kv_cache_spec.num_kv_heads * group
+
+    class RLKVFlashBackend(RLKVCudaBackendMixin, FlashAttentionBackend):
+        """vLLM's FlashAttention for the full heads plus RLKV's streaming pool."""
+
+        @staticmethod
+        def get_impl_cls() -> type[RLKVFlashImpl]:
+            return RLKVFlashImpl
+
+        @staticmethod
+        def get_builder_cls() -> type[RLKVFlashBuilder]:
+            return RLKVFlashBuilder
+
+
+def flash_attn_unavailable_reason(vllm_config: Any) -> str | None:
+    """Why the FlashAttention base cannot serve this engine (None if it can)."""
+    if FlashAttentionBackend is None:
+        return "this vLLM build has no vllm_flash_attn"
+    import torch as _t
+
+    dtype = vllm_config.model_config.dtype
+    if dtype not in (_t.float16, _t.bfloat16):
+        return f"dtype {dtype} (FlashAttention takes float16/bfloat16)"
+    try:
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+        if get_flash_attn_version(head_size=vllm_config.model_config.get_head_size()) is None:
+            return "no FlashAttention version supports this device/head size"
+    except Exception as e:  # noqa: BLE001 - a probe: any failure means "not usable"
+        return f"FlashAttention probe failed: {e}"
+    return None
+
+
+def select_backend(vllm_config: Any) -> type:
+    """The RLKV backend class for this engine: FlashAttention where usable, else Triton."""
+    if getattr(vllm_config, "model_config", None) is None:
+        return RLKVTritonBackend  # no engine config yet (a front-end probe)
+    choice = _rlkv_setting(vllm_config, "full_kernel")
+    if choice == "triton":
+        return RLKVTritonBackend
+    reason = flash_attn_unavailable_reason(vllm_config)
+    if reason is None:
+        return RLKVFlashBackend
+    if choice == "flash_attn":
+        raise RuntimeError(f"rlkv.full_kernel = 'flash_attn' cannot run: {reason}")
+    return RLKVTritonBackend
+
+
+def __getattr__(name: str) -> Any:
+    # vLLM resolves the registered path "rlkv_vllm.backends.cuda.RLKVCudaBackend" while the
+    # model is built, with the engine's config current
+    if name == "RLKVCudaBackend":
+        from vllm.config import get_current_vllm_config
+
+        return select_backend(get_current_vllm_config())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

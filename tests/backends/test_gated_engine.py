@@ -16,7 +16,11 @@ pytestmark = pytest.mark.slow
 SINK, RECENT, GEN = 4, 8, 80
 
 
-def test_gated_mode(tiny_model, tmp_path):
+KERNELS = ["torch"] + (["triton"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gated_mode(kernel, tiny_model, tmp_path):
     prompts = mixed_prompts(10, seed=3, max_len=90)
     pattern = write_pattern(str(tmp_path / "p.json"), random_gates(4, 4, seed=1))
     with engine(tiny_model) as llm:
@@ -29,7 +33,7 @@ def test_gated_mode(tiny_model, tmp_path):
     ref_gated = load_reference_model(tiny_model, alpha=torch.tensor(alpha), sink=SINK, recent=RECENT)
     want_gated = [greedy_generate(ref_gated, p, GEN) for p in prompts]
 
-    rlkv = {"heads": pattern, "mode": "gated", "sink": SINK, "recent": RECENT}
+    rlkv = {"heads": pattern, "mode": "gated", "sink": SINK, "recent": RECENT, "kernel": kernel}
     with engine(tiny_model, rlkv) as llm:
         # alpha starts as the pattern's gates
         assert llm.collective_rpc("rlkv_gates_checksum")[0] == pytest.approx(float(random_gates(4, 4, 1).sum()), rel=1e-6)
