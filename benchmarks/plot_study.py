@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Plot a study JSON from benchmarks/results/ into a PNG next to it.
+
+  python benchmarks/plot_study.py benchmarks/results/engine-...json    # engine_study.py (throughput)
+  python benchmarks/plot_study.py benchmarks/results/latency-...json   # engine_study.py --latency
+  python benchmarks/plot_study.py benchmarks/results/kernel-...json    # kernel_study.py
+
+Engine: output tok/s, TPOT, KV capacity and mean running requests per config, each bar
+labelled with its ratio to the first stock config. Latency: TPOT against context, one
+panel per batch size, one line per config. Kernel: speedup of RLKV over the stock kernel
+against context, one panel per (stock kernel, batch), one line per sparsity.
+
+Needs matplotlib (pip install 'rlkv-vllm[bench]'); the GPU machine has none, so plot here
+from the JSON that came back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def _title(d: dict[str, Any], what: str) -> str:
+    return f"{what} - {d.get('device')}, vLLM {d.get('vllm')}, {d.get('date')}"
+
+
+def _ok(r: dict[str, Any]) -> bool:
+    return r.get("status") in ("ok", "truncated")
+
+
+def plot_engine(d: dict[str, Any]) -> Figure:
+    """Four bar panels; each bar's label is its value over the first stock config's."""
+    rows = [r for r in d["results"] if _ok(r)]
+    ratios = {q["config"]: q for q in d["ratios"]["rows"]}
+    names = [r["config"] for r in rows]
+    colors = ["tab:gray" if r["kind"] == "stock" else "tab:blue" for r in rows]
+    panels = [
+        ("output tok/s", [r["throughput"]["output_tok_s"] for r in rows], "output_tok_s"),
+        ("TPOT mean (ms)", [(r["throughput"]["tpot_mean_s"] or 0) * 1e3 for r in rows], "tpot_mean"),
+        ("KV capacity (tokens)", [r["capacity_tokens"] for r in rows], "capacity"),
+        ("mean running requests", [r["throughput"]["mean_running"] or 0 for r in rows], "mean_running"),
+    ]
+    fig, axes = plt.subplots(1, 4, figsize=(4 * 4, 4.2))
+    for ax, (label, vals, key) in zip(axes, panels):
+        bars = ax.bar(range(len(vals)), vals, color=colors)
+        ax.set_xticks(range(len(vals)), names, rotation=30, ha="right")
+        ax.set_title(label)
+        for b, n in zip(bars, names):
+            x = ratios.get(n, {}).get(key)
+            if x is not None:
+                ax.annotate(f"{x:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                            va="bottom", fontsize=8)
+    s = d["settings"]
+    fig.suptitle(_title(d, f"engine study: {s['num_prompts']} x {s['input_len']} in / {s['output_len']} out, "
+                           f"max_num_seqs {s['max_num_seqs']}; labels: vs {d['ratios']['base']}"), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_latency(d: dict[str, Any]) -> Figure:
+    """TPOT against context; one panel per batch size."""
+    rows = [r for r in d["results"] if _ok(r)]
+    batches = sorted({c["batch"] for r in rows for c in r.get("latency") or []})
+    fig, axes = plt.subplots(1, max(len(batches), 1), figsize=(5 * max(len(batches), 1), 4), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        for r in rows:
+            cells = sorted((c["context"], c["tpot_mean_s"] * 1e3) for c in r["latency"]
+                           if c["batch"] == b and _ok(c) and c.get("tpot_mean_s") is not None)
+            if cells:
+                ax.plot(*zip(*cells), marker="o", label=r["config"],
+                        linestyle="--" if r["kind"] == "stock" else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("TPOT (ms)")
+        ax.set_title(f"batch {b}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(_title(d, f"latency study, {d['settings']['latency_output_len']} tokens generated"), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_kernel(d: dict[str, Any]) -> Figure:
+    """Speedup of RLKV (full heads through each stock kernel + ring) over that stock kernel."""
+    rows = d["rows"]
+    kernels = sorted({r["kernel"][5:] for r in rows if r["kernel"].startswith("RLKV+")})
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(len(kernels), len(batches), figsize=(4 * len(batches), 3.5 * len(kernels)),
+                             squeeze=False)
+    for i, k in enumerate(kernels):
+        for j, b in enumerate(batches):
+            ax: Axes = axes[i][j]
+            mine = [r for r in rows if r["kernel"] == f"RLKV+{k}" and r["batch"] == b]
+            for s in sorted({r["sparsity"] for r in mine}):
+                pts = sorted((r["context"], r["speedup_vs_stock_same_kernel"]) for r in mine if r["sparsity"] == s)
+                ax.plot(*zip(*pts), marker="o", label=f"s={s:g}")
+            ax.axhline(1.0, color="gray", linewidth=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"RLKV+{k} vs {k}, batch {b}", fontsize=9)
+            ax.set_xlabel("context")
+            ax.set_ylabel("speedup")
+            ax.grid(alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    fig.suptitle(_title(d, "decode attention kernel study"), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+PLOTTERS = {"engine": plot_engine, "latency": plot_latency, "kernel": plot_kernel}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study_json")
+    p.add_argument("--out", default=None, help="PNG path (default: the JSON's path with .png)")
+    a = p.parse_args(argv)
+    with open(a.study_json) as f:
+        d = json.load(f)
+    kind = d.get("study")
+    if kind not in PLOTTERS:
+        print(f"plot_study.py: error: study = {kind!r} is not allowed: must be one of {', '.join(PLOTTERS)}",
+              file=sys.stderr)
+        return 2
+    fig = PLOTTERS[kind](d)
+    out = a.out or os.path.splitext(a.study_json)[0] + ".png"
+    fig.savefig(out, dpi=110)
+    print(f"wrote {os.path.relpath(out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
