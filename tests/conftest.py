@@ -8,6 +8,31 @@ import os
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _import_triton_language_for_interpreter() -> None:
+    """Without CUDA, the kernel tests run under Triton's interpreter, which only works with
+    library functions (tl.zeros, tl.max, ...) decorated while TRITON_INTERPRET=1 was set, and
+    they are decorated once, when triton.language is first imported (by vLLM, at collection).
+    So import it here first, under the flag, and restore the environment for everything else."""
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+        return
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+_import_triton_language_for_interpreter()
+
 import pytest
 
 from tests.engine_utils import MODEL_CACHE, tiny_model_dir

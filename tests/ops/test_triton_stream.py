@@ -28,6 +28,13 @@ def kernels():
     mod = importlib.import_module("rlkv_vllm.ops.triton_stream")
     if not mod.HAVE_TRITON:
         pytest.skip("Triton is not installed")
+    if not ON_GPU:
+        from triton.language import standard
+        from triton.runtime.interpreter import InterpretedFunction
+
+        assert isinstance(standard.zeros, InterpretedFunction), (
+            "triton.language was imported before TRITON_INTERPRET=1 was set; tests/conftest.py "
+            "must import it first (run through pytest, without importing vLLM beforehand)")
     return importlib.reload(mod)  # @triton.jit reads TRITON_INTERPRET when it decorates
 
 
