@@ -183,9 +183,14 @@ def study(a: argparse.Namespace) -> dict:
     g = sh.q_heads // sh.kv_heads
     elt = torch.finfo(sh.dtype).bits // 8
     rows = []
+    end = time.time() + a.deadline_s if a.deadline_s else float("inf")
+    skipped: list[dict[str, int]] = []
     for ctx in a.contexts:
         for batch in a.batches:
             if batch * ctx > a.max_tokens:
+                continue
+            if time.time() > end:  # a bounded device call: keep what was measured
+                skipped.append(dict(context=ctx, batch=batch))
                 continue
             q = torch.randn(batch, sh.q_heads, sh.head_dim, dtype=sh.dtype, device="cuda", generator=gen)
             out = torch.empty_like(q)
@@ -236,7 +241,7 @@ def study(a: argparse.Namespace) -> dict:
                       + "  ".join(f"{r['kernel']} {r['us']:.1f}us" for r in rows[-(len(kernels) + 1):]),
                       flush=True)
             torch.cuda.empty_cache()
-    return dict(copy_bandwidth_gbs=round(bw, 1), rows=rows)
+    return dict(copy_bandwidth_gbs=round(bw, 1), rows=rows, skipped_for_deadline=skipped)
 
 
 def main() -> int:
@@ -246,6 +251,8 @@ def main() -> int:
     p.add_argument("--sparsities", type=float, nargs="+", default=SPARSITIES)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--max-tokens", type=int, default=1 << 21, help="skip batch x context above this")
+    p.add_argument("--deadline-s", type=float, default=0.0,
+                   help="start no new (context, batch) cell after this many seconds (0: no limit)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if not torch.cuda.is_available():

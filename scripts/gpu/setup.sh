@@ -2,7 +2,10 @@
 # carry: [".carry/sm90", ".carry/fi", ".carry/s", ".whl"]
 bash .carry/s/onecall.sh 0  # its exit code is that of a final du of cache dirs, not of the unpack
 [ -d /tmp/site/vllm ] && [ -d /tmp/llama8b ] || { echo "unpack failed"; return 1; }
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_t .whl/*.whl || return 1
+# optional extra wheels (.whl, carried when a test needs a package the image lacks)
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_t .whl/*.whl || return 1
+fi
 # register the vllm.general_plugins entry point without pip: a dist-info on sys.path
 _d=/tmp/site_rlkv/rlkv_vllm-0.1.0.dist-info; mkdir -p $_d
 printf 'Metadata-Version: 2.1\nName: rlkv-vllm\nVersion: 0.1.0\n' > $_d/METADATA
