@@ -35,6 +35,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from .step_profile import StepProfiler
+
 # TPOT needs a first and a last token
 MIN_OUTPUT_LEN = 2
 STUDIES = ("engine", "latency")
@@ -149,6 +151,9 @@ class BenchSettings:
     batches: list[int] = field(default_factory=lambda: [1, 8])
     contexts: list[int] = field(default_factory=lambda: [1024, 4096, 16384, 32768])
     latency_output_len: int = 128
+    # a torch-profiler window over the throughput run (0 steps: none); see step_profile.py
+    profile_steps: int = 0
+    profile_start: int = 200
 
     def workload(self) -> dict[str, Any]:
         """The settings that must match for two results to be comparable."""
@@ -185,6 +190,9 @@ def validate_settings(s: BenchSettings) -> None:
     if s.study == "engine" and s.input_len + s.output_len > s.max_model_len:
         raise bench_error("input_len", s.input_len,
                           f"input_len + output_len must fit max_model_len {s.max_model_len}")
+    if s.profile_steps < 0 or s.profile_start < 0:
+        raise bench_error("profile_steps" if s.profile_steps < 0 else "profile_start",
+                          min(s.profile_steps, s.profile_start), "must be an integer >= 0")
     if s.study == "latency":
         if not s.batches or any(b <= 0 for b in s.batches):
             raise bench_error("batches", s.batches, "must be positive integers")
@@ -203,6 +211,17 @@ def positive_int(text: str) -> int:
         v = 0
     if v <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not allowed: must be a positive integer")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: must be an integer >= 0")
     return v
 
 
@@ -336,11 +355,11 @@ def mean(xs: list[float]) -> float | None:
 
 
 def drive(llm: Any, probe: SchedulerProbe | None, prompts: list[list[int]], params: Any, tag: str,
-          deadline: float | None) -> dict[str, Any]:
+          deadline: float | None, profiler: StepProfiler | None = None) -> dict[str, Any]:
     """Submit all prompts at once and step the engine until they finish (or the deadline passes).
 
     Token times are taken when ``step()`` returns them; with DELTA outputs each step
-    brings one new token per running request.
+    brings one new token per running request. A profiler, if given, wraps its window of steps.
     """
     engine = llm.llm_engine
     if probe:
@@ -356,7 +375,11 @@ def drive(llm: Any, probe: SchedulerProbe | None, prompts: list[list[int]], para
     steps = token_steps = 0
     truncated = False
     while engine.has_unfinished_requests():
+        if profiler:
+            profiler.before_step()
         outs = engine.step()
+        if profiler:
+            profiler.after_step()
         now = time.perf_counter()
         steps += 1
         got = False
@@ -373,6 +396,8 @@ def drive(llm: Any, probe: SchedulerProbe | None, prompts: list[list[int]], para
             truncated = True
             break
     gen_s = time.perf_counter() - t0
+    if profiler:
+        profiler.close()  # the run ended inside the window
     tpots = [(last[r] - first[r]) / (n_out[r] - 1) for r in first if n_out[r] >= 2]
     ttfts = [first[r] - t0 for r in first]
     total_out = sum(n_out.values())
@@ -458,7 +483,13 @@ def run_child(s: BenchSettings, cfg: EngineConfig, deadline: float | None) -> tu
     drive(llm, probe, [[5] * 16], params(8, s.temperature), "warmup", None)
     if s.study == "engine":
         prompts = random_prompts(s.num_prompts, s.input_len, vocab, s.seed)
-        res["throughput"] = drive(llm, probe, prompts, params(s.output_len, s.temperature), "tp", deadline)
+        profiler = StepProfiler(s.profile_start, s.profile_steps) if s.profile_steps else None
+        res["throughput"] = drive(llm, probe, prompts, params(s.output_len, s.temperature), "tp", deadline,
+                                  profiler)
+        if profiler:
+            # the window's steps ran under the profiler (slower): tok/s includes them, as recorded here
+            res["profile"] = profiler.result.to_dict() if profiler.result else dict(
+                status="not reached", start=s.profile_start, steps=s.profile_steps)
     else:
         cells = []
         for i, (b, c) in enumerate(s.latency_cells()):
@@ -744,6 +775,24 @@ def _fnum(x: float | None, spec: str = ",.1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def format_profiles(results: list[dict[str, Any]]) -> list[str]:
+    """One line per profiled config: wall and device ms per step, busy fraction, the biggest categories."""
+    lines = []
+    for r in results:
+        p = r.get("profile")
+        if not p:
+            continue
+        if "ms_per_step" not in p:
+            lines.append(f"profile {r['config']}: {p.get('status', 'none')}")
+            continue
+        cats = ", ".join(f"{k} {v:.2f}" for k, v in list(p["ms_per_step"].items())[:6])
+        lines.append(f"profile {r['config']} ({p['steps']} steps, {p['device']}): wall {p['wall_ms_per_step']:.2f} "
+                     f"ms/step, device {p['device_ms_per_step']:.2f} (busy {p['busy_fraction']}); ms/step: {cats}")
+    if lines:
+        lines.insert(0, "")
+    return lines
+
+
 def format_table(study: dict[str, Any]) -> str:
     """Readable figures and ratios (vs the first stock config) for an engine or latency study."""
     ratios = {r["config"]: r for r in study["ratios"]["rows"]}
@@ -764,6 +813,7 @@ def format_table(study: dict[str, Any]) -> str:
                 f"{_fnum(t.get('mean_running')):>8} {_fnum(t.get('preemptions'), ',d'):>7} "
                 f"{_fnum(r.get('capacity_tokens'), ',d'):>10} | "
                 f"{_fx(q.get('output_tok_s')):>7} {_fx(q.get('tpot_mean')):>7} {_fx(q.get('capacity')):>7}")
+        lines.extend(format_profiles(study["results"]))
     else:
         cells = sorted({(c["batch"], c["context"]) for r in study["results"] for c in r.get("latency") or []})
         head = " ".join(f"{f'b{b} c{c}':>12}" for b, c in cells)
@@ -822,6 +872,11 @@ def add_bench_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None
     p.add_argument("--contexts", nargs="+", type=positive_int, default=[1024, 4096, 16384, 32768],
                    help="clipped to max_model_len - latency output length")
     p.add_argument("--latency-output-len", type=positive_int, default=128)
+    p.add_argument("--profile-steps", type=nonneg_int, default=0,
+                   help="profile this many engine steps of the throughput run (torch profiler): device time "
+                        "per kernel category per step, in each config's result (0: off)")
+    p.add_argument("--profile-start", type=nonneg_int, default=200,
+                   help="the step at which the profiled window opens (steady state, after admission)")
     p.add_argument("--deadline-s", type=nonneg_float, default=d["deadline_s"],
                    help="the whole run must end within this; configs that cannot are skipped")
     p.add_argument("--config-timeout-s", type=nonneg_float, default=d["config_timeout_s"])
@@ -847,7 +902,8 @@ def settings_from_args(a: argparse.Namespace, cache_dir: str) -> BenchSettings:
         max_model_len=a.max_model_len or (4096 if tiny else 8192), block_size=a.block_size,
         enforce_eager=a.enforce_eager, num_prompts=a.num_prompts, input_len=a.input_len, output_len=a.output_len,
         temperature=a.temperature, seed=a.seed, detokenize=a.detokenize, batches=list(a.batches),
-        contexts=list(a.contexts), latency_output_len=a.latency_output_len)
+        contexts=list(a.contexts), latency_output_len=a.latency_output_len,
+        profile_steps=a.profile_steps, profile_start=a.profile_start)
     validate_settings(s)
     if any(c.kind == "rlkv" for c in a.configs) and not s.pattern:
         raise bench_error("pattern", None,

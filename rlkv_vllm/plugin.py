@@ -120,6 +120,11 @@ def _check_model(vllm_config: Any, plan: Any) -> None:
             f"pipeline_parallel_size = {vllm_config.parallel_config.pipeline_parallel_size} is not "
             "allowed with RLKV: use 1 (tensor parallelism is supported)"
         )
+    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        # context parallelism splits a request's tokens over ranks; the ring holds whole windows
+        size = int(getattr(vllm_config.parallel_config, name, 1) or 1)
+        if size > 1:
+            raise RLKVConfigError(f"{name} = {size} is not allowed with RLKV: use 1 (tensor parallelism is supported)")
     if plan.serve and vllm_config.speculative_config is not None:
         raise RLKVConfigError(
             "speculative_config is not allowed with rlkv.mode = 'serve': rejected draft tokens would "

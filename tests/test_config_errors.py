@@ -104,6 +104,25 @@ def test_unsupported_dtype_on_cuda(monkeypatch, good_pattern):
         plugin._check_model(cfg, plan)
 
 
+@pytest.mark.parametrize("name", ["decode_context_parallel_size", "prefill_context_parallel_size"])
+def test_context_parallel(monkeypatch, name):
+    """Context parallelism (checked without several devices): refused by name and value."""
+    from types import SimpleNamespace
+
+    from rlkv_vllm import compat, plugin
+
+    monkeypatch.setattr(compat, "is_cpu_platform", lambda: False)
+    cfg = SimpleNamespace(
+        model_config=SimpleNamespace(dtype="torch.bfloat16", model="m"),
+        cache_config=SimpleNamespace(cache_dtype="auto"),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1, **{name: 2}),
+        speculative_config=None,
+    )
+    plan = SimpleNamespace(shape=SimpleNamespace(head_size=128, model_id="m"), serve=True)
+    with pytest.raises(RLKVConfigError, match=rf"{name} = 2 is not allowed with RLKV: use 1"):
+        plugin._check_model(cfg, plan)
+
+
 def test_prefix_caching_with_serve_mode(tiny_model, good_pattern):
     msg = refused(tiny_model, {"heads": good_pattern}, enable_prefix_caching=True)
     assert "enable_prefix_caching = True" in msg and "turn it off" in msg

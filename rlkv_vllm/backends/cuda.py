@@ -84,6 +84,18 @@ class RLKVCudaImplMixin(RLKVImplMixin):
         if self._n_full:
             self._forward_full(layer, q, k, v, kv_cache, md, out)
 
+    def _forward_full(self, layer, q, k, v, kv_cache, md, out) -> None:  # type: ignore[no-untyped-def]
+        if self.rlkv_runtime.kernel != "triton" or self._all_full:
+            return super()._forward_full(layer, q, k, v, kv_cache, md, out)
+        # fused_kv_write has stored the full heads already, and the stock decoder kernels read keys
+        # and values from the paged cache alone (their key/value arguments serve encoder attention
+        # and context parallelism, both refused with RLKV): pass shape-correct views, gather only q
+        qf = self._full_heads(q, self._full_q)
+        of = torch.empty_like(qf)
+        n = self._paged_slots
+        self._inner.forward(layer, qf, k[:, :n], v[:, :n], kv_cache, md.full, of)
+        out[:, self._full_q] = of[:, : self._n_full * self._group]
+
     def _forward_gated(self, layer, q, k, v, kv_cache, md: RLKVMetadata, out) -> None:  # type: ignore[no-untyped-def]
         rt = self.rlkv_runtime
         if rt.kernel != "triton":
