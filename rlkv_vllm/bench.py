@@ -203,26 +203,24 @@ def validate_settings(s: BenchSettings) -> None:
                               f"must exceed latency_output_len {s.latency_output_len}")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer > 0 (message names the value and the rule)."""
+def _int_at_least(text: str, lowest: int, rule: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        v = 0
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: must be a positive integer")
+        v = lowest - 1
+    if v < lowest:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: must be {rule}")
     return v
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (message names the value and the rule)."""
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def nonneg_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    try:
-        v = int(text)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: must be an integer >= 0")
-    return v
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 def nonneg_float(text: str) -> float:
