@@ -69,13 +69,15 @@ def bench_error(field_name: str, value: Any, allowed: str) -> BenchError:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """One engine to measure: stock vLLM with an attention backend, or RLKV at a sparsity.
+    """One engine to measure: stock vLLM with an attention backend, RLKV at a sparsity, or
+    RLKV's gated mode (the trainer's rollout engine: every head full plus its streaming
+    branch, mixed by the pattern's gate values as alpha).
 
     backend: a vLLM backend name (FLASH_ATTN, TRITON_ATTN, CPU_ATTN, ...) or None for
         vLLM's own choice. CPU_ATTN is passed as None: vLLM's CPU platform ignores it.
     """
 
-    kind: Literal["stock", "rlkv"]
+    kind: Literal["stock", "rlkv", "gated"]
     backend: str | None = None
     sparsity: float | None = None
 
@@ -83,16 +85,23 @@ class EngineConfig:
     def name(self) -> str:
         if self.kind == "rlkv":
             return f"rlkv:{self.sparsity:g}"
+        if self.kind == "gated":
+            return "gated"
         return f"stock:{self.backend}" if self.backend else "stock"
 
 
 _BACKEND_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
-CONFIG_HELP = "stock, stock:BACKEND (e.g. stock:FLASH_ATTN, stock:CPU_ATTN) or rlkv:S with S in [0, 1)"
+CONFIG_HELP = ("stock, stock:BACKEND (e.g. stock:FLASH_ATTN, stock:CPU_ATTN), rlkv:S with S in [0, 1), "
+               "or gated (RLKV's gated rollout mode)")
 
 
 def parse_config(text: str) -> EngineConfig:
-    """Parse ``stock``, ``stock:BACKEND`` or ``rlkv:S``; a bad string raises a one-line BenchError."""
+    """Parse ``stock``, ``stock:BACKEND``, ``rlkv:S`` or ``gated``; a bad string raises a one-line BenchError."""
     kind, sep, arg = text.strip().partition(":")
+    if kind == "gated":
+        if sep:
+            raise bench_error("configs", text, f"gated takes no argument; use {CONFIG_HELP}")
+        return EngineConfig("gated")
     if kind == "stock":
         if not sep:
             return EngineConfig("stock")
@@ -280,11 +289,13 @@ def engine_kwargs(s: BenchSettings, cfg: EngineConfig) -> dict[str, Any]:
         kw["kv_cache_memory_bytes"] = s.kv_bytes
     if s.block_size:
         kw["block_size"] = s.block_size
-    if cfg.kind == "rlkv":
+    if cfg.kind in ("rlkv", "gated"):
         if not s.pattern:
             raise bench_error("pattern", s.pattern, "rlkv configs need a head pattern file")
         kw["attention_backend"] = "rlkv"
-        kw["additional_config"] = {"rlkv": {"heads": s.pattern, "sparsity": cfg.sparsity}}
+        rlkv: dict[str, Any] = {"heads": s.pattern}
+        rlkv.update({"sparsity": cfg.sparsity} if cfg.kind == "rlkv" else {"mode": "gated"})
+        kw["additional_config"] = {"rlkv": rlkv}
     elif cfg.backend and cfg.backend != "CPU_ATTN":
         kw["attention_backend"] = cfg.backend
     return kw
@@ -462,7 +473,7 @@ def run_child(s: BenchSettings, cfg: EngineConfig, deadline: float | None) -> tu
                max_num_batched_tokens=getattr(sc, "max_num_batched_tokens", None),
                async_scheduling=getattr(sc, "async_scheduling", None),
                attention_backend=str(getattr(getattr(vc, "attention_config", None), "backend", None)))
-    if cfg.kind == "rlkv":
+    if cfg.kind in ("rlkv", "gated"):
         from .runtime import current_runtime
 
         plan = current_runtime().plan
@@ -903,7 +914,7 @@ def settings_from_args(a: argparse.Namespace, cache_dir: str) -> BenchSettings:
         contexts=list(a.contexts), latency_output_len=a.latency_output_len,
         profile_steps=a.profile_steps, profile_start=a.profile_start)
     validate_settings(s)
-    if any(c.kind == "rlkv" for c in a.configs) and not s.pattern:
+    if any(c.kind != "stock" for c in a.configs) and not s.pattern:
         raise bench_error("pattern", None,
                           "rlkv configs need --pattern FILE (RLKV/DuoAttention TSV, JSON or safetensors)")
     if s.pattern and not os.path.isfile(s.pattern):

@@ -16,6 +16,7 @@ def test_parse_config_names() -> None:
     assert bench.parse_config("stock") == EngineConfig("stock")
     assert bench.parse_config("stock:FLASH_ATTN").backend == "FLASH_ATTN"
     assert bench.parse_config("rlkv:0.5") == EngineConfig("rlkv", sparsity=0.5)
+    assert bench.parse_config("gated") == EngineConfig("gated") and EngineConfig("gated").name == "gated"
     assert [c.name for c in bench.parse_configs(["stock:CPU_ATTN", "rlkv:0", "rlkv:0.60"])] == \
         ["stock:CPU_ATTN", "rlkv:0", "rlkv:0.6"]
 
@@ -23,6 +24,7 @@ def test_parse_config_names() -> None:
 @pytest.mark.parametrize("text, rule", [
     ("rlkv:1.2", "[0, 1)"), ("rlkv:-0.1", "[0, 1)"), ("rlkv:nan", "[0, 1)"), ("rlkv", "needs a sparsity"),
     ("rlkv:x", "needs a sparsity"), ("stock:flash", "upper-case"), ("dense", "use stock"),
+    ("gated:0.5", "takes no argument"),
 ])
 def test_parse_config_errors_are_one_line(text: str, rule: str) -> None:
     with pytest.raises(BenchError) as e:
@@ -61,6 +63,9 @@ def test_engine_kwargs() -> None:
     assert kw["attention_backend"] == "rlkv"
     assert kw["additional_config"] == {"rlkv": {"heads": "p.tsv", "sparsity": 0.5}}
     assert kw["kv_cache_memory_bytes"] == 1 << 20 and kw["enable_prefix_caching"] is False
+    kw = bench.engine_kwargs(s, bench.parse_config("gated"))
+    assert kw["attention_backend"] == "rlkv"
+    assert kw["additional_config"] == {"rlkv": {"heads": "p.tsv", "mode": "gated"}}
     s.gpu_mem = 0.9
     assert bench.engine_kwargs(s, EngineConfig("stock"))["gpu_memory_utilization"] == 0.9
 
