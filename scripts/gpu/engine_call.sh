@@ -1,7 +1,8 @@
 #!/bin/bash
 # Device side, one call: engine study on the Llama-8B-R1 shape (dummy bf16 weights), published
 # RLKV pattern; memory-bound workload. usage: bash scripts/gpu/engine_call.sh CONFIG [CONFIG...]
-# carry: [".carry/sm90", ".carry/fi", ".carry/s", ".carry/data", ".whl"]
+# carry: [".carry/sm90", ".carry/fi", ".carry/s", ".carry/data"]
+# prepare here: bash ../shared/gpu/prepare.sh; mkdir -p .carry/data && cp ../shared/data/head-patterns/rlkv/DeepSeek-R1-Distill-Llama-8B.tsv .carry/data/
 # Extra study args in STUDY_ARGS (e.g. --latency ...). Result: $OUT/engine.json
 set -uo pipefail
 t0=$(date +%s)

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Device side, one call (~9 min): kernel tests on the GPU, CUDA-graph engine tests, kernel study.
-# carry: [".carry/sm90", ".carry/fi", ".carry/s", ".whl"]
+# carry: [".carry/sm90", ".carry/fi", ".carry/s"]
 set -uo pipefail
 t0=$(date +%s)
 source scripts/gpu/setup.sh || exit 1

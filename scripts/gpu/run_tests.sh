@@ -1,6 +1,6 @@
 #!/bin/bash
 # Device side (lent GPU, vLLM 0.26.0): run tests. usage: bash scripts/gpu/run_tests.sh [pytest args]
-# carry: [".carry/sm90", ".carry/fi", ".carry/s", ".whl"]
+# carry: [".carry/sm90", ".carry/fi", ".carry/s"]
 set -uo pipefail
 t0=$(date +%s)
 source scripts/gpu/setup.sh || exit 1

@@ -1,5 +1,5 @@
 # Device side, sourced: unpack vLLM 0.26.0 (carried per ../shared/gpu) and make rlkv-vllm loadable.
-# carry: [".carry/sm90", ".carry/fi", ".carry/s", ".whl"]
+# carry: [".carry/sm90", ".carry/fi", ".carry/s"]
 bash .carry/s/onecall.sh 0  # its exit code is that of a final du of cache dirs, not of the unpack
 [ -d /tmp/site/vllm ] && [ -d /tmp/llama8b ] || { echo "unpack failed"; return 1; }
 # optional extra wheels (.whl, carried when a test needs a package the image lacks)

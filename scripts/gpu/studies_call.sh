@@ -2,6 +2,7 @@
 # Device side, one call (<= 10 min): the kernel study, then the engine study (configs in
 # order until the call's budget is spent). usage: bash scripts/gpu/studies_call.sh CONFIG...
 # carry: [".carry/sm90", ".carry/fi", ".carry/s", ".carry/data"]
+# prepare here: bash ../shared/gpu/prepare.sh; mkdir -p .carry/data && cp ../shared/data/head-patterns/rlkv/DeepSeek-R1-Distill-Llama-8B.tsv .carry/data/
 # KSTUDY_ARGS: kernel-study args; KSTUDY_S: its time cap (s); STUDY_ARGS: extra engine args.
 # Results: $OUT/kernel-study.json, $OUT/engine.json and their logs.
 set -uo pipefail

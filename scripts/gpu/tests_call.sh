@@ -1,6 +1,6 @@
 #!/bin/bash
 # Device side, one call: the GPU test suite (engine tests: eager, CUDA graphs, gated, bf16/fp16).
-# carry: [".carry/sm90", ".carry/fi", ".carry/s", ".whl"]
+# carry: [".carry/sm90", ".carry/fi", ".carry/s"]
 # usage: bash scripts/gpu/tests_call.sh [pytest args]   (default: the backend tests)
 set -uo pipefail
 t0=$(date +%s)
