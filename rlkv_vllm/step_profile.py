@@ -87,6 +87,9 @@ def summarize(events: Any, steps: int, wall_s: float, on_cuda: bool, top: int = 
     rows: list[tuple[float, str, int]] = []
     for evt in events:
         if on_cuda:
+            # kernels only: a CPU operator's self device time repeats its kernels' time
+            if not str(getattr(evt, "device_type", "")).endswith("CUDA"):
+                continue
             us = _self_device_us(evt)
         else:
             us = float(getattr(evt, "self_cpu_time_total", 0.0) or 0.0)

@@ -28,6 +28,25 @@ def test_categorize(name: str, cat: str) -> None:
     assert categorize(name) == cat
 
 
+def test_cuda_summary_counts_kernels_once() -> None:
+    """On CUDA a CPU operator (aten::mm) reports the device time of the kernel it launched, and the kernel
+    reports it too: only the kernel may count."""
+    from types import SimpleNamespace
+
+    from rlkv_vllm.step_profile import summarize
+
+    events = [
+        SimpleNamespace(key="aten::mm", device_type="DeviceType.CPU", self_device_time_total=100.0, count=2),
+        SimpleNamespace(key="sm90_xmma_gemm_bf16", device_type="DeviceType.CUDA", self_device_time_total=100.0,
+                        count=2),
+        SimpleNamespace(key="_ring_attention_kernel", device_type="DeviceType.CUDA", self_device_time_total=20.0,
+                        count=2),
+    ]
+    d = summarize(events, steps=2, wall_s=200e-6, on_cuda=True).to_dict()
+    assert d["ms_per_step"] == {"gemm": 0.05, "rlkv_ring_attention": 0.01}
+    assert d["busy_fraction"] == 0.6
+
+
 def test_window_bounds_are_checked() -> None:
     with pytest.raises(ValueError, match="start=-1"):
         StepProfiler(-1, 3)
