@@ -2,10 +2,18 @@
 """Decode attention kernel study: RLKV's split pools vs stock vLLM kernels, same data.
 
 One layer of the Llama-8B-R1 shape (32 query / 8 KV heads, head_dim 128, bf16,
-block 16), one decode token per request, every request at the same context. For each
-(context, batch) the stock kernels attend all 8 KV heads; for each sparsity s RLKV
-attends round(8 * (1 - s)) full heads through a paged kernel (the gathered subset, as
-the backend does) plus the streaming heads through ``ring_attention`` over 80 slots.
+block 16, randomly permuted block tables), one decode token per request, every request
+at the same context. Per (context, batch):
+- stock, for FLASH_ATTN and TRITON_ATTN: the kernel alone (``K``), and what vLLM runs
+  per layer for a decode step (``K+write``: reshape_and_cache_flash, then the kernel);
+- RLKV at each sparsity s, what the backend runs per layer for a decode batch
+  (``RLKV+K``): ``decode_step`` (the step's paged write of round(8 (1 - s)) full heads,
+  their query gather, the streaming heads' window attention over 80 ring slots and their
+  ring write, one launch), the stock kernel on the gathered full heads, the scatter of
+  their output. ``decode`` names the decode_step implementation: ``triton``, or ``cuda``
+  (csrc/rlkv_decode.cu) where it loads;
+- ``ring[...]``: decode_step with the streaming heads alone (its fixed cost).
+RLKV's ratios are taken against ``K+write`` (the same per-layer work in stock vLLM).
 
 Measured: each sequence is captured in a CUDA graph (vLLM replays decode that way)
 and timed over many replays with CUDA events. Bandwidth = bytes the kernels must read
@@ -92,6 +100,12 @@ class PagedKV:
         self.block_table = perm.view(batch, blocks_per).to(torch.int32)
         self.seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
         self.k, self.v = self.kv[0], self.kv[1]
+        self.block_size, self.ctx = sh.block_size, ctx
+
+    def last_slots(self) -> torch.Tensor:
+        """slot_mapping of each request's newest token (position ctx - 1)."""
+        last = (self.ctx - 1) // self.block_size
+        return (self.block_table[:, last].to(torch.int64) * self.block_size + (self.ctx - 1) % self.block_size)
 
 
 def stock_kernels() -> dict[str, Callable[..., Callable[[], None]]]:
@@ -141,36 +155,72 @@ def stock_kernels() -> dict[str, Callable[..., Callable[[], None]]]:
     return made
 
 
-def rlkv_launch(sh: Shape, q, out, full_paged, n_full, stream_kv, ring, slot_ids, qsl, ctx, scale,
-                make_full) -> Callable[[], None]:
-    """What the backend runs per layer for decode attention: ring kernel on the streaming
-    heads (in place into out), the stock kernel on the gathered full heads, scatter back."""
-    from rlkv_vllm.ops.triton_stream import ring_attention
+def stock_with_write(q, out, paged: PagedKV, qsl, ctx, scale, make) -> Callable[[], None]:
+    """vLLM's per-layer decode work: store the step's keys/values, then attend."""
+    from vllm._custom_ops import reshape_and_cache_flash
 
+    b, hk, d = q.shape[0], paged.k.shape[2], q.shape[2]
+    k_tok = torch.randn(b, hk, d, dtype=q.dtype, device="cuda")
+    v_tok = torch.randn_like(k_tok)
+    slots = paged.last_slots()
+    one = torch.ones((), dtype=torch.float32, device="cuda")
+    attend = make(q, out, paged, qsl, ctx, scale)
+
+    def run() -> None:
+        reshape_and_cache_flash(k_tok, v_tok, paged.k, paged.v, slots, "auto", one, one)
+        attend()
+
+    return run
+
+
+def rlkv_launch(sh: Shape, q, out, full_paged: PagedKV | None, stream_kv: list[int], ring, slot_ids, qsl,
+                ctx: int, scale: float, make_full, decode_fn) -> Callable[[], None]:
+    """What the backend runs per layer for a decode batch: decode_step (paged write, query
+    gather, ring attention, ring write), the stock kernel on the gathered full heads, the
+    scatter of their output. make_full None: decode_step's ring heads alone."""
     g = sh.q_heads // sh.kv_heads
     full_kv = [h for h in range(sh.kv_heads) if h not in stream_kv]
     full_q = torch.tensor([h * g + i for h in full_kv for i in range(g)], device="cuda")
-    ring_src = torch.tensor(stream_kv, dtype=torch.int32, device="cuda")
+    ring_src = torch.tensor(stream_kv, dtype=torch.int32, device="cuda") if stream_kv else None
     b = q.shape[0]
     seq_lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
     k_tok = torch.randn(b, sh.kv_heads, sh.head_dim, dtype=sh.dtype, device="cuda")
     v_tok = torch.randn_like(k_tok)
-    if not stream_kv:  # all heads full: the backend hands q and out to the stock kernel as they are
-        return make_full(q, out, full_paged, qsl, ctx, scale)
-    qf = torch.empty(b, len(full_q), sh.head_dim, dtype=sh.dtype, device="cuda")
-    of = torch.empty_like(qf)
-    full = make_full(qf, of, full_paged, qsl, ctx, scale) if n_full else None
+    rk, rv = ring if stream_kv else (None, None)
+    if make_full is None or full_paged is None:
+        paged = (None, None, None, None)
+    else:
+        paged = (full_paged.k, full_paged.v, full_paged.last_slots(),
+                 torch.tensor(full_kv, dtype=torch.int32, device="cuda"))
+    all_full = not stream_kv
+    qf = of = full = None
+    if make_full is not None and full_kv:
+        qf = q if all_full else torch.empty(b, len(full_q), sh.head_dim, dtype=sh.dtype, device="cuda")
+        of = out if all_full else torch.empty_like(qf)
+        full = make_full(qf, of, full_paged, qsl, ctx, scale)
 
     def run() -> None:
-        if stream_kv:
-            ring_attention(q, k_tok, v_tok, out, ring[0], ring[1], ring_src, qsl, seq_lens, slot_ids,
-                           sh.sink, sh.recent, scale)
+        decode_fn(q, k_tok, v_tok, out, *paged, None if all_full else qf, rk, rv, ring_src, qsl, seq_lens,
+                  slot_ids, sh.sink, sh.recent, scale)
         if full is not None:
-            torch.index_select(q, 1, full_q, out=qf)
             full()
-            out[:, full_q] = of
+            if not all_full:
+                out[:, full_q] = of
 
     return run
+
+
+def decode_impls() -> dict[str, Callable[..., None]]:
+    """decode_step implementations to time: Triton always, CUDA where it loads."""
+    from rlkv_vllm.ops import cuda_decode, triton_stream
+
+    impls: dict[str, Callable[..., None]] = {"triton": triton_stream.decode_step}
+    reason = cuda_decode.unavailable_reason("cuda")
+    if reason is None:
+        impls["cuda"] = cuda_decode.decode_step
+    else:
+        print(f"CUDA decode kernel unavailable: {reason}", file=sys.stderr)
+    return impls
 
 
 def study(a: argparse.Namespace) -> dict:
@@ -179,12 +229,19 @@ def study(a: argparse.Namespace) -> dict:
     bw = copy_bandwidth_gbs()
     print(f"device copy bandwidth: {bw:.0f} GB/s", flush=True)
     kernels = stock_kernels()
+    impls = decode_impls()
     scale = sh.head_dim**-0.5
-    g = sh.q_heads // sh.kv_heads
     elt = torch.finfo(sh.dtype).bits // 8
     rows = []
     end = time.time() + a.deadline_s if a.deadline_s else float("inf")
     skipped: list[dict[str, int]] = []
+
+    def record(**r) -> None:
+        r["us"] = round(r["us"], 2)
+        r["gbs"] = round(r["bytes"] / r["us"] / 1e3, 1)
+        r["bw_frac"] = round(r["bytes"] / r["us"] / 1e3 / bw, 3)
+        rows.append(r)
+
     for ctx in a.contexts:
         for batch in a.batches:
             if batch * ctx > a.max_tokens:
@@ -201,45 +258,48 @@ def study(a: argparse.Namespace) -> dict:
             base: dict[str, float] = {}
             for name, make in kernels.items():
                 us = time_graph(make(q, out, stock_paged, qsl, ctx, scale), a.iters)
+                record(context=ctx, batch=batch, kernel=name, sparsity=None, us=us, bytes=stock_bytes)
+                us = time_graph(stock_with_write(q, out, stock_paged, qsl, ctx, scale, make), a.iters)
                 base[name] = us
-                rows.append(dict(context=ctx, batch=batch, kernel=name, sparsity=None, us=round(us, 2),
-                                 bytes=stock_bytes, gbs=round(stock_bytes / us / 1e3, 1),
-                                 bw_frac=round(stock_bytes / us / 1e3 / bw, 3)))
+                record(context=ctx, batch=batch, kernel=f"{name}+write", sparsity=None, us=us, bytes=stock_bytes)
             del stock_paged
             c = sh.sink + sh.recent
-            ring_k = torch.randn((batch + 1) * c, sh.kv_heads, sh.head_dim, dtype=sh.dtype, device="cuda",
-                                 generator=gen)
-            ring_v = torch.randn_like(ring_k)
             slot_ids = torch.randperm(batch, device="cuda", generator=gen).to(torch.int32)
+            line = []
             for s in a.sparsities:
                 n_full = round(sh.kv_heads * (1 - s))
                 stream_kv = sorted(torch.randperm(sh.kv_heads, generator=torch.Generator().manual_seed(1))
                                    [: sh.kv_heads - n_full].tolist())
                 full_paged = PagedKV(sh, batch, ctx, n_full, gen) if n_full else None
-                ring = (ring_k[:, : len(stream_kv)], ring_v[:, : len(stream_kv)])
-                ring = (ring[0].contiguous(), ring[1].contiguous())
+                ring = tuple(torch.randn((batch + 1) * c, max(len(stream_kv), 1), sh.head_dim, dtype=sh.dtype,
+                                         device="cuda", generator=gen) for _ in range(2))
                 nbytes = (2 * batch * ctx * n_full * sh.head_dim * elt
                           + 2 * batch * c * len(stream_kv) * sh.head_dim * elt + qo_bytes)
-                for name, make in kernels.items():
-                    run = rlkv_launch(sh, q, out, full_paged, n_full, stream_kv, ring, slot_ids, qsl, ctx,
-                                      scale, make)
-                    us = time_graph(run, a.iters)
-                    rows.append(dict(context=ctx, batch=batch, kernel=f"RLKV+{name}", sparsity=s,
-                                     full_heads=n_full, us=round(us, 2), bytes=nbytes,
-                                     gbs=round(nbytes / us / 1e3, 1), bw_frac=round(nbytes / us / 1e3 / bw, 3),
-                                     speedup_vs_stock_same_kernel=round(base[name] / us, 3),
-                                     speedup_vs_flash_attn=round(base.get("FLASH_ATTN", float("nan")) / us, 3)))
-                # the streaming pool alone (what the ring kernel costs)
-                if stream_kv:
-                    run = rlkv_launch(sh, q, out, None, 0, stream_kv, ring, slot_ids, qsl, ctx, scale, None)
-                    us = time_graph(run, a.iters)
-                    rb = 2 * batch * c * len(stream_kv) * sh.head_dim * elt + qo_bytes * len(stream_kv) // sh.kv_heads
-                    rows.append(dict(context=ctx, batch=batch, kernel="ring_only", sparsity=s,
-                                     us=round(us, 2), bytes=rb, gbs=round(rb / us / 1e3, 1)))
-                del full_paged
-                print(f"ctx {ctx:>6} batch {batch:>4} s {s:.1f}: "
-                      + "  ".join(f"{r['kernel']} {r['us']:.1f}us" for r in rows[-(len(kernels) + 1):]),
-                      flush=True)
+                for dname, decode_fn in impls.items():
+                    for name, make in kernels.items():
+                        if dname != "triton" and name != "FLASH_ATTN":
+                            continue  # the CUDA decode kernel against the default base only
+                        run = rlkv_launch(sh, q, out, full_paged, stream_kv, ring, slot_ids, qsl, ctx, scale,
+                                          make, decode_fn)
+                        us = time_graph(run, a.iters)
+                        record(context=ctx, batch=batch, kernel=f"RLKV+{name}", decode=dname, sparsity=s,
+                               full_heads=n_full, us=us, bytes=nbytes,
+                               speedup_vs_stock_same_kernel=round(base[name] / us, 3),
+                               speedup_vs_flash_attn=round(base.get("FLASH_ATTN", float("nan")) / us, 3))
+                        line.append(f"{dname}+{name} {us:.1f}")
+                    if stream_kv:  # the streaming pool alone: decode_step's fixed cost
+                        run = rlkv_launch(sh, q, out, None, stream_kv, ring, slot_ids, qsl, ctx, scale, None,
+                                          decode_fn)
+                        rb = (2 * batch * c * len(stream_kv) * sh.head_dim * elt
+                              + qo_bytes * len(stream_kv) // sh.kv_heads)
+                        us = time_graph(run, a.iters)
+                        record(context=ctx, batch=batch, kernel=f"ring[{dname}]", decode=dname, sparsity=s,
+                               us=us, bytes=rb)
+                        line.append(f"ring[{dname}] {us:.1f}")
+                del full_paged, ring
+                print(f"ctx {ctx:>6} batch {batch:>4} s {s:.1f}: stock+write "
+                      + " ".join(f"{k} {v:.1f}" for k, v in base.items()) + " | " + "  ".join(line), flush=True)
+                line = []
             torch.cuda.empty_cache()
     return dict(copy_bandwidth_gbs=round(bw, 1), rows=rows, skipped_for_deadline=skipped)
 
@@ -247,7 +307,7 @@ def study(a: argparse.Namespace) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--sparsities", type=float, nargs="+", default=SPARSITIES)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--max-tokens", type=int, default=1 << 21, help="skip batch x context above this")

@@ -7,8 +7,9 @@
 
 Engine: output tok/s, TPOT, KV capacity and mean running requests per config, each bar
 labelled with its ratio to the first stock config. Latency: TPOT against context, one
-panel per batch size, one line per config. Kernel: speedup of RLKV over the stock kernel
-against context, one panel per (stock kernel, batch), one line per sparsity.
+panel per batch size, one line per config. Kernel: speedup of RLKV's per-layer decode
+work over stock's against context, one panel per (stock kernel, decode kernel, batch),
+one line per sparsity.
 
 Needs matplotlib (pip install 'rlkv-vllm[bench]'); the GPU machine has none, so plot here
 from the JSON that came back.
@@ -91,28 +92,30 @@ def plot_latency(d: dict[str, Any]) -> Figure:
 
 
 def plot_kernel(d: dict[str, Any]) -> Figure:
-    """Speedup of RLKV (full heads through each stock kernel + ring) over that stock kernel."""
+    """Speedup of RLKV's per-layer decode work (decode_step + the stock kernel on the full heads)
+    over stock's (KV write + the kernel), one panel per (stock kernel, decode_step kernel, batch)."""
     rows = d["rows"]
-    kernels = sorted({r["kernel"][5:] for r in rows if r["kernel"].startswith("RLKV+")})
+    combos = sorted({(r["kernel"][5:], r.get("decode", "triton")) for r in rows if r["kernel"].startswith("RLKV+")})
     batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(len(kernels), len(batches), figsize=(4 * len(batches), 3.5 * len(kernels)),
+    fig, axes = plt.subplots(len(combos), len(batches), figsize=(4 * len(batches), 3.5 * len(combos)),
                              squeeze=False)
-    for i, k in enumerate(kernels):
+    for i, (k, dec) in enumerate(combos):
         for j, b in enumerate(batches):
             ax: Axes = axes[i][j]
-            mine = [r for r in rows if r["kernel"] == f"RLKV+{k}" and r["batch"] == b]
+            mine = [r for r in rows if r["kernel"] == f"RLKV+{k}" and r.get("decode", "triton") == dec
+                    and r["batch"] == b]
             for s in sorted({r["sparsity"] for r in mine}):
                 pts = sorted((r["context"], r["speedup_vs_stock_same_kernel"]) for r in mine if r["sparsity"] == s)
                 ax.plot(*zip(*pts), marker="o", label=f"s={s:g}")
             ax.axhline(1.0, color="gray", linewidth=0.8)
             ax.set_xscale("log", base=2)
-            ax.set_title(f"RLKV+{k} vs {k}, batch {b}", fontsize=9)
+            ax.set_title(f"RLKV ({dec} decode) + {k} vs {k}, batch {b}", fontsize=9)
             ax.set_xlabel("context")
-            ax.set_ylabel("speedup")
+            ax.set_ylabel("speedup (per-layer decode step)")
             ax.grid(alpha=0.3)
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
-    fig.suptitle(_title(d, "decode attention kernel study"), fontsize=10)
+    fig.suptitle(_title(d, "decode kernel study: KV write + attention per layer"), fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -70,6 +70,13 @@ def check_engine_config(vllm_config: Any) -> None:
             "rlkv.kernel = 'triton' is not allowed on the CPU platform: the Triton kernels "
             "need a CUDA device; allowed here: auto, torch"
         )
+    if plan.settings.decode_kernel == "cuda":
+        from .runtime import decode_kernel_problem
+
+        problem = "it needs a CUDA device" if compat.is_cpu_platform() else decode_kernel_problem(plan)
+        if problem is not None:
+            raise RLKVConfigError(f"rlkv.decode_kernel = 'cuda' is not allowed here: {problem}; "
+                                  "allowed: auto, triton")
 
     vllm_config.additional_config = {**extra, "rlkv": plan.settings.to_dict()}
     cache = vllm_config.cache_config

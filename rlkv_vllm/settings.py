@@ -15,6 +15,7 @@ SELECTIONS = ("global", "per_layer", "explicit")
 MODES = ("serve", "gated")
 KERNELS = ("auto", "triton", "torch")
 FULL_KERNELS = ("auto", "flash_attn", "triton")
+DECODE_KERNELS = ("auto", "triton", "cuda")
 
 Selection = Literal["global", "per_layer", "explicit"]
 Mode = Literal["serve", "gated"]
@@ -45,6 +46,8 @@ class RLKVSettings:
         "torch" (the PyTorch path), or "auto" (triton on CUDA, torch elsewhere).
     full_kernel: CUDA kernel for the full heads: "flash_attn", "triton" (vLLM's
         Triton unified attention; also float32), or "auto" (flash_attn where usable).
+    decode_kernel: the one-launch write + ring kernel of decode batches (kernel "triton"):
+        "triton", "cuda" (csrc/rlkv_decode.cu), or "auto" (see runtime.resolve_decode_kernel).
     """
 
     heads: str | None = None
@@ -56,6 +59,7 @@ class RLKVSettings:
     full_heads: tuple[tuple[int, int], ...] | None = None
     kernel: str = "auto"
     full_kernel: str = "auto"
+    decode_kernel: str = "auto"
 
     @property
     def window(self) -> int:
@@ -152,6 +156,12 @@ def parse_settings(raw: Any, base_dir: str | None = None) -> RLKVSettings:
     full_kernel = raw.get("full_kernel", "auto")
     if full_kernel not in FULL_KERNELS:
         raise config_error("full_kernel", full_kernel, f"must be one of {', '.join(FULL_KERNELS)}")
+    decode_kernel = raw.get("decode_kernel", "auto")
+    if decode_kernel not in DECODE_KERNELS:
+        raise config_error("decode_kernel", decode_kernel, f"must be one of {', '.join(DECODE_KERNELS)}")
+    if decode_kernel == "cuda" and kernel == "torch":
+        raise config_error("decode_kernel", decode_kernel,
+                           "the CUDA decode kernel runs with rlkv.kernel = 'triton' or 'auto', not 'torch'")
 
     sparsity = _as_sparsity(raw.get("sparsity", 0.5))
     sink = _as_int("sink", raw.get("sink", 16))
@@ -196,6 +206,7 @@ def parse_settings(raw: Any, base_dir: str | None = None) -> RLKVSettings:
         full_heads=full_heads,
         kernel=kernel,
         full_kernel=full_kernel,
+        decode_kernel=decode_kernel,
     )
 
 

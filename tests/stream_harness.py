@@ -34,6 +34,7 @@ class Step:
     slot_ids: torch.Tensor
     num_tokens: int
     plan: StreamPlan
+    max_query_len: int = 0  # the host-side figure vLLM's metadata carries
 
 
 # fn(q [T,H,G,D], k [T,H,D], v, ring_k, ring_v, step, scale, out [T,H,G,D]) -> None,
@@ -54,6 +55,7 @@ class Case:
     max_chunk: int = 40
     seed: int = 0
     pad: bool = False  # add CUDA-graph style padding tokens and rows to some steps
+    decode_steps: float = 0.0  # probability that a step gives every row one token (max_query_len 1)
 
 
 def run_case(case: Case, fn: StreamFn, device: str = "cpu") -> tuple[float, int]:
@@ -78,8 +80,9 @@ def run_case(case: Case, fn: StreamFn, device: str = "cpu") -> tuple[float, int]
         live = [i for i in range(case.num_reqs) if done[i] < lens[i]]
         batch = rng.sample(live, rng.randint(1, len(live)))
         chunks = []
+        decode = rng.random() < case.decode_steps
         for i in batch:
-            n = 1 if done[i] and rng.random() < 0.5 else rng.randint(1, case.max_chunk)
+            n = 1 if decode or (done[i] and rng.random() < 0.5) else rng.randint(1, case.max_chunk)
             chunks.append(min(n, lens[i] - done[i]))
         qsl = [0]
         for n in chunks:
@@ -104,7 +107,7 @@ def run_case(case: Case, fn: StreamFn, device: str = "cpu") -> tuple[float, int]
         seq_t = torch.tensor(seq, device=device, dtype=torch.int32)
         slot_t = torch.tensor(slot_rows, device=device, dtype=torch.int32)
         plan = build_stream_plan(qsl_t, seq_t, slot_t, num_tokens, case.sink, case.recent, num_slots)
-        step = Step(qsl_t, seq_t, slot_t, num_tokens, plan)
+        step = Step(qsl_t, seq_t, slot_t, num_tokens, plan, max_query_len=max(chunks))
         o = torch.full((num_tokens, h, g, d), float("nan"), dtype=case.dtype, device=device)
         fn(qs.view(-1, h, g, d).to(device), ks.to(device), vs.to(device), ring_k, ring_v, step, scale, o)
         assert torch.isfinite(o[n_real:]).all(), "padding tokens got a non-finite output"

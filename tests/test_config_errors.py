@@ -134,6 +134,19 @@ def test_no_full_head(tiny_model, tmp_path):
     assert "no full head" in msg
 
 
+def test_cuda_decode_kernel_on_cpu(tiny_model, good_pattern):
+    if not compat_is_cpu():
+        pytest.skip("checks the CPU platform's answer")
+    msg = refused(tiny_model, {"heads": good_pattern, "decode_kernel": "cuda"})
+    assert "rlkv.decode_kernel = 'cuda' is not allowed here" in msg and "auto, triton" in msg
+
+
+def compat_is_cpu() -> bool:
+    from rlkv_vllm import compat
+
+    return compat.is_cpu_platform()
+
+
 def test_settings_without_backend(tiny_model, good_pattern):
     from vllm import LLM
 

@@ -37,6 +37,8 @@ def test_relative_path_resolved(tmp_path, pattern):
         ({"mode": "fast"}, "mode", "serve, gated"),
         ({"kernel": "cuda"}, "kernel", "auto, triton, torch"),
         ({"full_kernel": "fa4"}, "full_kernel", "auto, flash_attn, triton"),
+        ({"decode_kernel": "cutlass"}, "decode_kernel", "auto, triton, cuda"),
+        ({"decode_kernel": "cuda", "kernel": "torch"}, "decode_kernel", "not 'torch'"),
         ({"colour": 1}, "colour", "allowed keys"),
         ({"full_heads": [[0, 1]]}, "full_heads", "explicit"),
     ],

@@ -34,10 +34,12 @@ class RLKVMetadata:
         per-step device buffers; slot_ids: [B] ring slot per batch row (our persistent
         buffer). All four keep their addresses across steps, so CUDA graphs replay.
     plan: the PyTorch path's gather plan (None when the Triton kernels run).
+    max_query_len: the longest query span of a row (host int): 1 selects the decode kernels.
     """
 
     full: Any
     num_actual_tokens: int
+    max_query_len: int
     query_start_loc: torch.Tensor
     seq_lens: torch.Tensor
     slot_ids: torch.Tensor
@@ -302,7 +304,7 @@ class RLKVBuilderMixin:
 
         slot_ids, plan = rt.cached_step_value(cm, step_state)
         return RLKVMetadata(
-            full=full_md, num_actual_tokens=cm.num_actual_tokens,
+            full=full_md, num_actual_tokens=cm.num_actual_tokens, max_query_len=int(cm.max_query_len),
             query_start_loc=cm.query_start_loc[: n_reqs + 1], seq_lens=cm.seq_lens[:n_reqs],
             slot_ids=slot_ids, slot_mapping=cm.slot_mapping, plan=plan,
         )

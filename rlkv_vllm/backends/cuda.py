@@ -1,14 +1,18 @@
 """RLKV on CUDA: selected as ``--attention-backend rlkv`` (0.32+) or ``CUSTOM``.
 
 Per layer and step (serve mode, kernel "triton", the default here):
-1. ``ring_attention``: the streaming heads' Lambda-window attention, straight from the
-   step's q/k/v and the ring into the output (no gathers);
-2. ``fused_kv_write``: full heads into the paged cache and streaming heads into the
-   ring, one launch, after (1) read the ring;
-3. vLLM's FlashAttention (fp16/bf16, where this build has it) or Triton unified
-   attention (also float32) for the full heads, on their gathered subset.
+- decode batches (one query token per row, ``max_query_len == 1``): ``decode_step``, one
+  launch that stores the full heads' keys/values in the paged cache, gathers their
+  queries, runs the streaming heads' window attention into the output and stores their
+  keys/values in the ring (Triton, or ``csrc/rlkv_decode.cu`` with decode_kernel "cuda");
+- other batches: ``ring_attention`` (the Lambda window over ring + chunk), then
+  ``fused_kv_write`` (paged write, query gather, ring write; after the ring reads);
+- then vLLM's FlashAttention (fp16/bf16, where this build has it) or Triton unified
+  attention (also float32) on the gathered full-head queries, scattered back.
 Every index is computed on the device from persistent buffers, so the builder declares
-the stock backend's CUDA-graph support (FULL graphs included).
+the stock backend's CUDA-graph support (FULL graphs included). A graph captured for a
+decode batch holds the decode kernel; vLLM replays it only for batches of the same kind
+(uniform decode), and mixed batches are captured with their real max_query_len.
 Gated mode: paged write, full attention into the output, ring attention mixing in
 place with alpha, ring write.
 Kernel "torch" keeps the PyTorch ring path (piecewise graphs only).
@@ -34,7 +38,8 @@ from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionMetadataBuilder,
 )
 
-from ..ops.triton_stream import fused_kv_write, ring_attention
+from ..ops import cuda_decode
+from ..ops.triton_stream import decode_step, fused_kv_write, ring_attention
 from ..runtime import resolve_kernel
 from .common import RLKVBuilderMixin, RLKVImplMixin, RLKVMetadata
 
@@ -73,26 +78,40 @@ class RLKVCudaImplMixin(RLKVImplMixin):
             return super()._forward_serve(layer, q, k, v, kv_cache, md, out)
         sink, recent = rt.settings.sink, rt.settings.recent
         rows = (md.query_start_loc, md.seq_lens, md.slot_ids)
-        if self._n_stream:
-            ring_attention(q, k, v, out, self._ring_k, self._ring_v, self._ring_src, *rows,
-                           sink, recent, self.scale)
-        kc, vc = paged_key_value(kv_cache, self.head_size) if self._n_full else (None, None)
-        fused_kv_write(
-            k, v, kc, vc, md.slot_mapping, self._paged_src if self._n_full else None,
-            self._ring_k, self._ring_v, self._ring_src if self._n_stream else None, *rows, sink, recent,
-        )
         if self._n_full:
-            self._forward_full(layer, q, k, v, kv_cache, md, out)
+            kc, vc = paged_key_value(kv_cache, self.head_size)
+            paged = (kc, vc, md.slot_mapping, self._paged_src)
+        else:
+            paged = (None, None, None, None)
+        ring = (self._ring_k, self._ring_v, self._ring_src) if self._n_stream else (None, None, None)
+        # the stock kernel's input: the full heads' queries, gathered by our write kernel
+        qf = None
+        if self._n_full and not self._all_full:
+            qf = q.new_empty(q.shape[0], self._paged_slots * self._group, q.shape[-1])
+        if md.max_query_len == 1:
+            step = cuda_decode.decode_step if rt.decode_kernel == "cuda" else decode_step
+            step(q, k, v, out, *paged, qf, *ring, *rows, sink, recent, self.scale)
+        else:
+            if self._n_stream:
+                ring_attention(q, k, v, out, *ring, *rows, sink, recent, self.scale)
+            fused_kv_write(k, v, *paged, *ring, *rows, sink, recent, q=q, q_full=qf)
+        if self._n_full:
+            self._forward_full_heads(layer, q if qf is None else qf, k, v, kv_cache, md, out)
 
-    def _forward_full(self, layer, q, k, v, kv_cache, md, out) -> None:  # type: ignore[no-untyped-def]
-        if self.rlkv_runtime.kernel != "triton" or self._all_full:
-            return super()._forward_full(layer, q, k, v, kv_cache, md, out)
-        # fused_kv_write has stored the full heads already, and the stock decoder kernels read keys
-        # and values from the paged cache alone (their key/value arguments serve encoder attention
-        # and context parallelism, both refused with RLKV): pass shape-correct views, gather only q
-        qf = self._full_heads(q, self._full_q)
-        of = torch.empty_like(qf)
+    def _forward_full_heads(self, layer, qf, k, v, kv_cache, md, out) -> None:  # type: ignore[no-untyped-def]
+        """The stock impl on the full heads, over the paged cache our write kernel filled.
+
+        qf: all of q for a layer without streaming heads (q and out pass untouched), else
+        the gathered [T, P * G, D] full-head queries; their output is scattered back.
+        The stock decoder kernels read keys and values from the paged cache alone (their
+        key/value arguments serve encoder attention and context parallelism, both refused
+        with RLKV), so k and v are passed as shape-correct views.
+        """
         n = self._paged_slots
+        if self._all_full:
+            self._inner.forward(layer, qf, k, v, kv_cache, md.full, out)
+            return
+        of = torch.empty_like(qf)
         self._inner.forward(layer, qf, k[:, :n], v[:, :n], kv_cache, md.full, of)
         out[:, self._full_q] = of[:, : self._n_full * self._group]
 

@@ -1,8 +1,8 @@
 """Triton kernels for RLKV's split pools (the GPU path; checked on CPU with TRITON_INTERPRET=1).
 
-Two kernels per layer and step, both graph-capturable: every index is computed on the
-device from vLLM's persistent per-step buffers (query_start_loc, seq_lens, slot_mapping)
-and our persistent ring-slot buffer, so a captured CUDA graph replays them correctly.
+Every kernel is graph-capturable: every index is computed on the device from vLLM's
+persistent per-step buffers (query_start_loc, seq_lens, slot_mapping) and our persistent
+ring-slot buffer, so a captured CUDA graph replays them correctly.
 
 - ``ring_attention``: streaming heads of every query token attend over the Lambda
   window (``sink`` first positions plus the ``recent`` last ones, causal). Keys of
@@ -10,9 +10,12 @@ and our persistent ring-slot buffer, so a captured CUDA graph replays them corre
   the step's key/value tensors. Optionally mixes the result into ``out`` with a
   per-KV-head alpha (gated mode: out = alpha * out + (1 - alpha) * stream).
 - ``fused_kv_write``: one launch that stores full heads into the paged cache
-  (through ``slot_mapping``) and streaming heads into their ring rows. It runs after
+  (through ``slot_mapping``), optionally gathers their query heads for the stock
+  kernel, and stores streaming heads into their ring rows. It runs after
   ``ring_attention``: a chunk longer than the window would otherwise overwrite ring
   keys its own earlier queries still read.
+- ``decode_step``: both of the above in one launch, for batches with one query token
+  per row (decode), where a token's ring write can follow its own reads.
 
 Tokens past ``query_start_loc[num_rows]`` are padding (CUDA-graph batches): they write
 nothing and get a zero output. Rows with ``seq_len == 0`` are padding rows.
@@ -81,33 +84,22 @@ if HAVE_TRITON:
         return real, q_start, ctx_start, pos, seq_len, slot
 
     @triton.jit
-    def _ring_attention_kernel(
-        q_ptr, k_ptr, v_ptr, out_ptr, ring_k_ptr, ring_v_ptr, ring_src_ptr, alpha_ptr,
-        qsl_ptr, seq_lens_ptr, slot_ptr, num_rows, scale,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-        stride_ot, stride_oh, stride_rr, stride_rh,
-        SINK: tl.constexpr, RECENT: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-        HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_C: tl.constexpr, GATED: tl.constexpr,
-        DOT_F32: tl.constexpr,
+    def _window_attention(
+        q_ptr, k_ptr, v_ptr, ring_k_ptr, ring_v_ptr, t, q_heads, g_real, kv_head, ring_head,
+        real, q_start, ctx_start, pos, slot, scale,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_rr, stride_rh,
+        SINK: tl.constexpr, RECENT: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        DIM_PAD: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr,
     ):
-        t = tl.program_id(0).to(tl.int64)
-        ring_head = tl.program_id(1)
+        """Lambda-window attention of one token's query heads of one KV head: [GROUP_PAD, DIM_PAD]
+        float32. Keys before ``ctx_start`` come from the ring slot, the others from this step's k/v."""
         C: tl.constexpr = SINK + RECENT
-        real, q_start, ctx_start, pos, seq_len, slot = _token_context(
-            qsl_ptr, seq_lens_ptr, slot_ptr, t, num_rows)
-        kv_head = tl.load(ring_src_ptr + ring_head).to(tl.int64)
-
-        g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, DIM_PAD)
-        g_ok = g < GROUP
         d_ok = d < HEAD_DIM
-        q_heads = kv_head * GROUP + g
-        g_real = g_ok & _vec(real, g)
         q = tl.load(q_ptr + t * stride_qt + q_heads[:, None] * stride_qh + d[None, :],
                     mask=g_real[:, None] & d_ok[None, :], other=0.0)
         if DOT_F32:
             q = q.to(tl.float32)
-
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
@@ -143,8 +135,34 @@ if HAVE_TRITON:
             l_i = l_i * corr + tl.sum(p, axis=1)
             acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
             m_i = m_new
+        return acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
 
-        res = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    @triton.jit
+    def _ring_attention_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, ring_k_ptr, ring_v_ptr, ring_src_ptr, alpha_ptr,
+        qsl_ptr, seq_lens_ptr, slot_ptr, num_rows, scale,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        stride_ot, stride_oh, stride_rr, stride_rh,
+        SINK: tl.constexpr, RECENT: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_C: tl.constexpr, GATED: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        ring_head = tl.program_id(1)
+        real, q_start, ctx_start, pos, seq_len, slot = _token_context(
+            qsl_ptr, seq_lens_ptr, slot_ptr, t, num_rows)
+        kv_head = tl.load(ring_src_ptr + ring_head).to(tl.int64)
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, DIM_PAD)
+        g_ok = g < GROUP
+        d_ok = d < HEAD_DIM
+        q_heads = kv_head * GROUP + g
+        g_real = g_ok & _vec(real, g)
+        res = _window_attention(
+            q_ptr, k_ptr, v_ptr, ring_k_ptr, ring_v_ptr, t, q_heads, g_real, kv_head, ring_head,
+            real, q_start, ctx_start, pos, slot, scale,
+            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_rr, stride_rh,
+            SINK, RECENT, GROUP_PAD, HEAD_DIM, DIM_PAD, BLOCK_C, DOT_F32)
         o_ptrs = out_ptr + t * stride_ot + q_heads[:, None] * stride_oh + d[None, :]
         o_mask = g_ok[:, None] & d_ok[None, :]
         if GATED:
@@ -155,48 +173,139 @@ if HAVE_TRITON:
         tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=o_mask)
 
     @triton.jit
+    def _paged_write_and_gather(
+        t, j, k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+        kc_ptr, vc_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+        slot_mapping_ptr, block_size, paged_src_ptr,
+        q_ptr, stride_qt, stride_qh, qf_ptr, stride_qft, stride_qfh,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+        GATHER_Q: tl.constexpr,
+    ):
+        """Paged head j of token t: store its key/value at slot_mapping[t]; with GATHER_Q also
+        copy its query heads into qf[t, j * GROUP : (j + 1) * GROUP] (zeros for a padding head)."""
+        d = tl.arange(0, DIM_PAD)
+        d_ok = d < HEAD_DIM
+        src = tl.load(paged_src_ptr + j).to(tl.int64)
+        has_src = src >= 0
+        load = d_ok & _vec(has_src, d)  # TP padding heads get zeros
+        src = tl.maximum(src, 0)
+        cache_slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
+        if cache_slot >= 0:
+            kk = tl.load(k_ptr + t * stride_kt + src * stride_kh + d, mask=load, other=0.0)
+            vv = tl.load(v_ptr + t * stride_vt + src * stride_vh + d, mask=load, other=0.0)
+            blk = cache_slot // block_size
+            off = cache_slot % block_size
+            tl.store(kc_ptr + blk * stride_kcb + off * stride_kcs + j * stride_kch + d,
+                     kk.to(kc_ptr.dtype.element_ty), mask=d_ok)
+            tl.store(vc_ptr + blk * stride_vcb + off * stride_vcs + j * stride_vch + d,
+                     vv.to(vc_ptr.dtype.element_ty), mask=d_ok)
+        if GATHER_Q:
+            g = tl.arange(0, GROUP_PAD)
+            g_ok = g < GROUP
+            m = g_ok[:, None] & d_ok[None, :]
+            qq = tl.load(q_ptr + t * stride_qt + (src * GROUP + g)[:, None] * stride_qh + d[None, :],
+                         mask=m & _vec(has_src, g)[:, None], other=0.0)
+            tl.store(qf_ptr + t * stride_qft + (j * GROUP + g)[:, None] * stride_qfh + d[None, :],
+                     qq.to(qf_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _ring_write(
+        t, ring_head, k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+        ring_k_ptr, ring_v_ptr, stride_rr, stride_rh, ring_src_ptr, real, pos, seq_len, slot,
+        SINK: tl.constexpr, RECENT: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+    ):
+        """Store token t's key/value of one streaming head in its ring row, if a later query reads it."""
+        d = tl.arange(0, DIM_PAD)
+        d_ok = d < HEAD_DIM
+        # only keys some later query reads: the sinks and the last `recent` positions
+        keep = real & ((pos < SINK) | (pos >= seq_len - RECENT))
+        if keep:
+            src = tl.load(ring_src_ptr + ring_head).to(tl.int64)
+            ring_pos = tl.where(pos < SINK, pos, SINK + (tl.maximum(pos - SINK, 0) % RECENT))
+            row = slot * (SINK + RECENT) + ring_pos
+            kk = tl.load(k_ptr + t * stride_kt + src * stride_kh + d, mask=d_ok, other=0.0)
+            vv = tl.load(v_ptr + t * stride_vt + src * stride_vh + d, mask=d_ok, other=0.0)
+            tl.store(ring_k_ptr + row * stride_rr + ring_head * stride_rh + d,
+                     kk.to(ring_k_ptr.dtype.element_ty), mask=d_ok)
+            tl.store(ring_v_ptr + row * stride_rr + ring_head * stride_rh + d,
+                     vv.to(ring_v_ptr.dtype.element_ty), mask=d_ok)
+
+    @triton.jit
     def _fused_kv_write_kernel(
         k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
         kc_ptr, vc_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
         slot_mapping_ptr, block_size, paged_src_ptr, num_paged,
+        q_ptr, stride_qt, stride_qh, qf_ptr, stride_qft, stride_qfh,
         ring_k_ptr, ring_v_ptr, stride_rr, stride_rh, ring_src_ptr,
         qsl_ptr, seq_lens_ptr, slot_ptr, num_rows,
-        SINK: tl.constexpr, RECENT: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+        SINK: tl.constexpr, RECENT: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, GATHER_Q: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         j = tl.program_id(1)
-        d = tl.arange(0, DIM_PAD)
-        d_ok = d < HEAD_DIM
         if j < num_paged:
-            cache_slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
-            if cache_slot >= 0:
-                src = tl.load(paged_src_ptr + j).to(tl.int64)
-                load = d_ok & _vec(src >= 0, d)  # TP padding heads get zeros
-                src = tl.maximum(src, 0)
-                kk = tl.load(k_ptr + t * stride_kt + src * stride_kh + d, mask=load, other=0.0)
-                vv = tl.load(v_ptr + t * stride_vt + src * stride_vh + d, mask=load, other=0.0)
-                blk = cache_slot // block_size
-                off = cache_slot % block_size
-                tl.store(kc_ptr + blk * stride_kcb + off * stride_kcs + j * stride_kch + d,
-                         kk.to(kc_ptr.dtype.element_ty), mask=d_ok)
-                tl.store(vc_ptr + blk * stride_vcb + off * stride_vcs + j * stride_vch + d,
-                         vv.to(vc_ptr.dtype.element_ty), mask=d_ok)
+            _paged_write_and_gather(
+                t, j, k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                kc_ptr, vc_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                slot_mapping_ptr, block_size, paged_src_ptr, q_ptr, stride_qt, stride_qh,
+                qf_ptr, stride_qft, stride_qfh, GROUP, GROUP_PAD, HEAD_DIM, DIM_PAD, GATHER_Q)
         else:
-            ring_head = j - num_paged
             real, q_start, ctx_start, pos, seq_len, slot = _token_context(
                 qsl_ptr, seq_lens_ptr, slot_ptr, t, num_rows)
-            # only keys some later query reads: the sinks and the last `recent` positions
-            keep = real & ((pos < SINK) | (pos >= seq_len - RECENT))
-            if keep:
-                src = tl.load(ring_src_ptr + ring_head).to(tl.int64)
-                ring_pos = tl.where(pos < SINK, pos, SINK + (tl.maximum(pos - SINK, 0) % RECENT))
-                row = slot * (SINK + RECENT) + ring_pos
-                kk = tl.load(k_ptr + t * stride_kt + src * stride_kh + d, mask=d_ok, other=0.0)
-                vv = tl.load(v_ptr + t * stride_vt + src * stride_vh + d, mask=d_ok, other=0.0)
-                tl.store(ring_k_ptr + row * stride_rr + ring_head * stride_rh + d,
-                         kk.to(ring_k_ptr.dtype.element_ty), mask=d_ok)
-                tl.store(ring_v_ptr + row * stride_rr + ring_head * stride_rh + d,
-                         vv.to(ring_v_ptr.dtype.element_ty), mask=d_ok)
+            _ring_write(t, j - num_paged, k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                        ring_k_ptr, ring_v_ptr, stride_rr, stride_rh, ring_src_ptr, real, pos, seq_len,
+                        slot, SINK, RECENT, HEAD_DIM, DIM_PAD)
+
+    @triton.jit
+    def _decode_step_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        stride_ot, stride_oh,
+        kc_ptr, vc_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+        slot_mapping_ptr, block_size, paged_src_ptr, num_paged, qf_ptr, stride_qft, stride_qfh,
+        ring_k_ptr, ring_v_ptr, stride_rr, stride_rh, ring_src_ptr,
+        qsl_ptr, seq_lens_ptr, slot_ptr, num_rows, scale,
+        SINK: tl.constexpr, RECENT: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_C: tl.constexpr, GATHER_Q: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1)
+        if j < num_paged:
+            _paged_write_and_gather(
+                t, j, k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                kc_ptr, vc_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                slot_mapping_ptr, block_size, paged_src_ptr, q_ptr, stride_qt, stride_qh,
+                qf_ptr, stride_qft, stride_qfh, GROUP, GROUP_PAD, HEAD_DIM, DIM_PAD, GATHER_Q)
+        else:
+            ring_head = j - num_paged
+            # one query token per row: token t is row t (no search); rows past the real
+            # ones (CUDA-graph padding) have seq_len 0 or an empty query span
+            row = tl.maximum(tl.minimum(t, num_rows - 1), 0)
+            seq_len = tl.load(seq_lens_ptr + row).to(tl.int64)
+            q_len = tl.load(qsl_ptr + row + 1) - tl.load(qsl_ptr + row)
+            slot = tl.load(slot_ptr + row).to(tl.int64)
+            real = (t < num_rows) & (q_len > 0) & (seq_len > 0)
+            pos = seq_len - 1
+            kv_head = tl.load(ring_src_ptr + ring_head).to(tl.int64)
+            g = tl.arange(0, GROUP_PAD)
+            d = tl.arange(0, DIM_PAD)
+            g_ok = g < GROUP
+            q_heads = kv_head * GROUP + g
+            g_real = g_ok & _vec(real, g)
+            res = _window_attention(
+                q_ptr, k_ptr, v_ptr, ring_k_ptr, ring_v_ptr, t, q_heads, g_real, kv_head, ring_head,
+                real, t, pos, pos, slot, scale,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_rr, stride_rh,
+                SINK, RECENT, GROUP_PAD, HEAD_DIM, DIM_PAD, BLOCK_C, DOT_F32)
+            res = tl.where(g_real[:, None], res, 0.0)
+            o_mask = g_ok[:, None] & (d < HEAD_DIM)[None, :]
+            tl.store(out_ptr + t * stride_ot + q_heads[:, None] * stride_oh + d[None, :],
+                     res.to(out_ptr.dtype.element_ty), mask=o_mask)
+            # the ring row of position pos held pos - recent, outside this query's window,
+            # and each row's one token is its only reader: writing after the reads is safe
+            _ring_write(t, ring_head, k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                        ring_k_ptr, ring_v_ptr, stride_rr, stride_rh, ring_src_ptr, real, pos, seq_len,
+                        slot, SINK, RECENT, HEAD_DIM, DIM_PAD)
 
 
 def _check_ring(ring_k: torch.Tensor, ring_v: torch.Tensor) -> None:
@@ -252,6 +361,38 @@ def ring_attention(
     )
 
 
+def _paged_args(
+    k: torch.Tensor, key_cache: torch.Tensor | None, value_cache: torch.Tensor | None,
+    slot_mapping: torch.Tensor | None, paged_src: torch.Tensor | None,
+) -> tuple:
+    """(key_cache, value_cache, slot_mapping, paged_src, block_size, num_paged) for a kernel;
+    placeholders (never dereferenced) where the layer pages no head."""
+    num_paged = 0 if paged_src is None else paged_src.shape[0]
+    if not num_paged:
+        return k, k, k, k, 1, 0
+    assert key_cache is not None and value_cache is not None and slot_mapping is not None
+    return key_cache, value_cache, slot_mapping, paged_src, key_cache.shape[1], num_paged
+
+
+def _ring_args(k: torch.Tensor, ring_k: torch.Tensor | None, ring_v: torch.Tensor | None,
+               ring_src: torch.Tensor | None) -> tuple:
+    """(ring_k, ring_v, ring_src, num_ring), placeholders where the layer has no ring head."""
+    num_ring = 0 if ring_src is None else ring_src.shape[0]
+    if not num_ring:
+        return k, k, k, 0
+    assert ring_k is not None and ring_v is not None
+    _check_ring(ring_k, ring_v)
+    return ring_k, ring_v, ring_src, num_ring
+
+
+def _gather_args(k: torch.Tensor, q: torch.Tensor | None, q_full: torch.Tensor | None) -> tuple:
+    """(q, q_full, group, gather) for the optional query gather of the paged heads."""
+    if q_full is None:
+        return k, k, 1, False
+    assert q is not None and q_full.stride(-1) == 1 and q.stride(-1) == 1
+    return q, q_full, q.shape[1] // k.shape[1], True
+
+
 def fused_kv_write(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -267,6 +408,8 @@ def fused_kv_write(
     slot_ids: torch.Tensor,
     sink: int,
     recent: int,
+    q: torch.Tensor | None = None,
+    q_full: torch.Tensor | None = None,
 ) -> None:
     """Store one step's keys/values: full heads paged, streaming heads into the ring.
 
@@ -274,31 +417,77 @@ def fused_kv_write(
     (any strides, contiguous D); slot_mapping: [>= T] int, -1 = skip;
     paged_src: [P] int, the model KV head stored in paged head j (-1: padding, zeros);
     ring_k, ring_v: [(S + 1) * C, R, D]; ring_src: [R] int.
+    q: [T, Hq, D] and q_full: [T, P * G, D]: if given, the query heads of each paged head
+    are gathered into q_full too (the full heads' input of the stock kernel), G = Hq // Hkv.
     Either pool may be absent (None), e.g. a layer with no full head.
     """
     num_tokens, _, head_dim = k.shape
-    num_paged = 0 if paged_src is None else paged_src.shape[0]
-    num_ring = 0 if ring_src is None else ring_src.shape[0]
+    kc, vc, sm, ps, bs, num_paged = _paged_args(k, key_cache, value_cache, slot_mapping, paged_src)
+    rk, rv, rs, num_ring = _ring_args(k, ring_k, ring_v, ring_src)
+    qq, qf, group, gather = _gather_args(k, q, q_full)
     if num_tokens == 0 or num_paged + num_ring == 0:
         return
-    if num_paged:
-        assert key_cache is not None and value_cache is not None and slot_mapping is not None
-        kc, vc, sm, ps, bs = key_cache, value_cache, slot_mapping, paged_src, key_cache.shape[1]
-    else:
-        kc = vc = sm = ps = k  # placeholders, never dereferenced
-        bs = 1
-    if num_ring:
-        assert ring_k is not None and ring_v is not None
-        _check_ring(ring_k, ring_v)
-        rk, rv, rs = ring_k, ring_v, ring_src
-    else:
-        rk = rv = rs = k
     _fused_kv_write_kernel[(num_tokens, num_paged + num_ring)](
         k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kc, vc, kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
         sm, bs, ps, num_paged,
+        qq, qq.stride(0), qq.stride(1), qf, qf.stride(0), qf.stride(1),
         rk, rv, rk.stride(0), rk.stride(1), rs,
         query_start_loc, seq_lens, slot_ids, seq_lens.shape[0],
-        SINK=sink, RECENT=recent, HEAD_DIM=head_dim, DIM_PAD=max(16, _next_pow2(head_dim)),
+        SINK=sink, RECENT=recent, GROUP=group, GROUP_PAD=max(2, _next_pow2(group)),
+        HEAD_DIM=head_dim, DIM_PAD=max(16, _next_pow2(head_dim)), GATHER_Q=gather,
         num_warps=1,
+    )
+
+
+def decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    key_cache: torch.Tensor | None,
+    value_cache: torch.Tensor | None,
+    slot_mapping: torch.Tensor | None,
+    paged_src: torch.Tensor | None,
+    q_full: torch.Tensor | None,
+    ring_k: torch.Tensor | None,
+    ring_v: torch.Tensor | None,
+    ring_src: torch.Tensor | None,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    slot_ids: torch.Tensor,
+    sink: int,
+    recent: int,
+    scale: float,
+) -> None:
+    """One launch for a batch with at most one query token per row (decode; max_query_len 1).
+
+    Does what ``fused_kv_write`` (with the query gather) and ``ring_attention`` do, in one
+    grid of (T, P + R) programs: paged heads store their key/value and gather their query
+    heads into ``q_full``; ring heads attend over the window, write their output into
+    ``out`` and store the token's key/value in the ring. Shapes as in those two functions.
+    Only valid when every row has at most one query token: the caller checks
+    ``max_query_len == 1`` on the host (a CUDA graph captured that way is replayed only for
+    such batches).
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    kc, vc, sm, ps, bs, num_paged = _paged_args(k, key_cache, value_cache, slot_mapping, paged_src)
+    rk, rv, rs, num_ring = _ring_args(k, ring_k, ring_v, ring_src)
+    _, qf, _, gather = _gather_args(k, q, q_full)
+    group = num_q_heads // k.shape[1]
+    if num_tokens == 0 or num_paged + num_ring == 0:
+        return
+    for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} needs a contiguous head_dim")
+    _decode_step_kernel[(num_tokens, num_paged + num_ring)](
+        q, k, v, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        kc, vc, kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+        sm, bs, ps, num_paged, qf, qf.stride(0), qf.stride(1),
+        rk, rv, rk.stride(0), rk.stride(1), rs,
+        query_start_loc, seq_lens, slot_ids, seq_lens.shape[0], scale,
+        SINK=sink, RECENT=recent, GROUP=group, GROUP_PAD=max(16, _next_pow2(group)),
+        HEAD_DIM=head_dim, DIM_PAD=max(16, _next_pow2(head_dim)), BLOCK_C=32, GATHER_Q=gather,
+        DOT_F32=_interpreting(), num_warps=4,
     )

@@ -33,20 +33,26 @@ def assert_same(name: str, got: list[list[int]], want: list[list[int]]) -> None:
         assert at is None, f"{name}: prompt {i} differs at token {at}"
 
 
-@pytest.mark.parametrize("mode", ["FULL_AND_PIECEWISE", "FULL"])
-def test_serve_under_cuda_graphs_matches_oracle(mode, tiny_model, tmp_path):
+@pytest.mark.parametrize("mode,decode_kernel", [("FULL_AND_PIECEWISE", "triton"), ("FULL", "triton"),
+                                                ("FULL_AND_PIECEWISE", "cuda")])
+def test_serve_under_cuda_graphs_matches_oracle(mode, decode_kernel, tiny_model, tmp_path):
+    """Decode batches replay captured graphs holding decode_step (Triton or CUDA); mixed
+    batches run the split kernels (piecewise) or their own FULL graphs."""
     prompts = mixed_prompts(12, seed=5, max_len=120)
     gates = random_gates(4, 4, seed=11)
     pattern = write_pattern(str(tmp_path / "p.json"), gates)
-    rlkv = {"heads": pattern, "sparsity": 0.5, "sink": SINK, "recent": RECENT}
+    rlkv = {"heads": pattern, "sparsity": 0.5, "sink": SINK, "recent": RECENT, "decode_kernel": decode_kernel}
     ref = load_reference_model(tiny_model, full_mask=select_full_heads(gates, 0.5, "global"),
                                sink=SINK, recent=RECENT)
     want = [greedy_generate(ref, p, GEN) for p in prompts]
     with engine(tiny_model, rlkv, max_num_batched_tokens=64, **graphs(mode)) as llm:
         from vllm.config import CUDAGraphMode
 
+        from rlkv_vllm.runtime import current_runtime
+
         cg = llm.llm_engine.vllm_config.compilation_config.cudagraph_mode
         assert cg != CUDAGraphMode.NONE and cg.has_full_cudagraphs(), f"graphs not captured: {cg}"
+        assert current_runtime().decode_kernel == decode_kernel
         batched = greedy(llm, prompts, GEN)
         alone = greedy(llm, prompts[:4], GEN, one_by_one=True)
     assert_same(f"{mode} batched", batched, want)

@@ -1,0 +1,145 @@
+"""Kernel checks shared by the Triton and CUDA kernel tests (oracle-backed, fresh random inputs)."""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+import torch
+
+from tests.stream_harness import Step
+
+# decode_step(q, k, v, out, key_cache, value_cache, slot_mapping, paged_src, q_full,
+#             ring_k, ring_v, ring_src, query_start_loc, seq_lens, slot_ids, sink, recent, scale)
+DecodeFn = Callable[..., None]
+
+
+def embed_stream_heads(kernels: Any, extra_full: int, rng: random.Random, sink: int, recent: int,
+                       decode_fn: DecodeFn | None = None):
+    """A StreamFn that runs the Triton kernels with the case's heads embedded among
+    `extra_full` full heads (at random KV positions), and checks it leaves the full heads
+    untouched. With ``decode_fn``, steps with one token per row go through it instead."""
+
+    def fn(q, k, v, ring_k, ring_v, step: Step, scale, out):
+        t, h, g, d = q.shape
+        total = h + extra_full
+        stream_pos = sorted(rng.sample(range(total), h))
+        big_q = torch.randn(t, total, g, d, dtype=q.dtype, device=q.device)
+        big_k = torch.randn(t, total, d, dtype=k.dtype, device=k.device)
+        big_v = torch.randn_like(big_k)
+        idx = torch.tensor(stream_pos, device=q.device)
+        big_q[:, idx], big_k[:, idx], big_v[:, idx] = q, k, v
+        big_out = torch.full_like(big_q, float("nan"))
+        ring_src = idx.to(torch.int32)
+        common = (step.query_start_loc, step.seq_lens, step.slot_ids)
+        if decode_fn is not None and step.max_query_len == 1:
+            decode_fn(
+                big_q.view(t, total * g, d), big_k, big_v, big_out.view(t, total * g, d),
+                None, None, None, None, None, ring_k, ring_v, ring_src, *common,
+                sink=sink, recent=recent, scale=scale,
+            )
+        else:
+            kernels.ring_attention(
+                big_q.view(t, total * g, d), big_k, big_v, big_out.view(t, total * g, d),
+                ring_k, ring_v, ring_src, *common, sink=sink, recent=recent, scale=scale,
+            )
+            kernels.fused_kv_write(big_k, big_v, None, None, None, None, ring_k, ring_v, ring_src,
+                                   *common, sink=sink, recent=recent)
+        full_pos = [i for i in range(total) if i not in stream_pos]
+        assert torch.isnan(big_out[:, full_pos]).all(), "kernel wrote a head it does not own"
+        out.copy_(big_out[:, idx])
+
+    return fn
+
+
+
+def check_writes_and_gather(kernels: Any, decode_fn: DecodeFn | None, block_size: int, num_paged: int,
+                            num_full: int, seed: int, device: str) -> None:
+    """Full heads land at their slot_mapping rows of a strided paged cache (padding heads
+    zeroed, -1 slots skipped) and their query heads in q_full (zeros for padding heads);
+    streaming heads land in their ring rows; nothing else moves."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    d, sink, recent, group = 32, 2, 3, 3
+    c = sink + recent
+    num_stream = 2
+    h = num_full + num_stream
+    heads = rng.sample(range(h), h)
+    full_heads, stream_heads = heads[:num_full], heads[num_full:]
+    num_blocks = 6
+    # vLLM's Triton layout: logical [blocks, heads, block_size, 2 * D], heads-last physical order
+    kv = torch.full((num_blocks, block_size, num_paged, 2 * d), float("nan")).transpose(1, 2)
+    if decode_fn is None:
+        # two requests: a 7-token prefill chunk at positions 0..6 and a decode at position 9
+        qsl = torch.tensor([0, 7, 8, 8], dtype=torch.int32)  # plus one padding row
+        seq_lens = torch.tensor([7, 10, 0], dtype=torch.int32)
+        slot_ids = torch.tensor([1, 0, 2], dtype=torch.int32)
+        real, t = 8, 10  # two padding tokens
+        # ring: request 0 (slot 1) keeps positions 0,1 (sinks) and 4,5,6 (last 3); the
+        # decode (slot 0, position 9) writes its one key; padding writes nothing
+        expect = {1 * c + 0: 0, 1 * c + 1: 1, 1 * c + 2 + (4 - 2) % 3: 4, 1 * c + 2 + (5 - 2) % 3: 5,
+                  1 * c + 2 + (6 - 2) % 3: 6, 0 * c + 2 + (9 - 2) % 3: 7}
+    else:
+        # three decodes (positions 9, 0 and 20) and one padding row
+        qsl = torch.tensor([0, 1, 2, 3, 3], dtype=torch.int32)
+        seq_lens = torch.tensor([10, 1, 21, 0], dtype=torch.int32)
+        slot_ids = torch.tensor([1, 0, 2, 3], dtype=torch.int32)
+        real, t = 3, 5
+        expect = {1 * c + 2 + (9 - 2) % 3: 0, 0 * c + 0: 1, 2 * c + 2 + (20 - 2) % 3: 2}
+    k = torch.randn(t, h, d, generator=gen)
+    v = torch.randn(t, h, d, generator=gen)
+    q = torch.randn(t, h * group, d, generator=gen)
+    perm = rng.sample(range(num_blocks * block_size), t)
+    slot_mapping = torch.tensor(perm, dtype=torch.int64)
+    slot_mapping[real:] = -1
+    paged_src = torch.tensor(full_heads + [-1] * (num_paged - num_full), dtype=torch.int32)
+    # earlier steps' keys (decode rows read them): random, so any stray write shows
+    ring_k = torch.randn(5 * c, num_stream, d, generator=gen)
+    ring_v = torch.randn(5 * c, num_stream, d, generator=gen)
+    ring_src = torch.tensor(stream_heads, dtype=torch.int32)
+    dev = lambda x: x.to(device)  # noqa: E731
+    kv_d = dev(kv)
+    key_cache, value_cache = kv_d.transpose(1, 2).split(d, dim=-1)
+    ring_k_d, ring_v_d = dev(ring_k), dev(ring_v)
+    q_full = torch.full((t, num_paged * group, d), float("nan"), device=device)
+    out = torch.full((t, h * group, d), float("nan"), device=device)
+    rows = (dev(qsl), dev(seq_lens), dev(slot_ids))
+    if decode_fn is None:
+        kernels.fused_kv_write(
+            dev(k), dev(v), key_cache, value_cache, dev(slot_mapping), dev(paged_src),
+            ring_k_d, ring_v_d, dev(ring_src), *rows, sink, recent, q=dev(q), q_full=q_full,
+        )
+    else:
+        decode_fn(
+            dev(q), dev(k), dev(v), out, key_cache, value_cache, dev(slot_mapping), dev(paged_src), q_full,
+            ring_k_d, ring_v_d, dev(ring_src), *rows, sink, recent, d**-0.5,
+        )
+        o = out.cpu().view(t, h, group, d)
+        assert torch.isfinite(o[:real, stream_heads]).all(), f"seed {seed}: streaming output not written"
+        assert (o[real:, stream_heads] == 0).all(), f"seed {seed}: padding tokens must get zeros"
+        assert torch.isnan(o[:, full_heads]).all(), f"seed {seed}: decode_step wrote a full head's output"
+    key_cache, value_cache = kv_d.cpu().transpose(1, 2).split(d, dim=-1)
+    qf = q_full.cpu().view(t, num_paged, group, d)
+    written = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    for tok in range(real):
+        s = int(slot_mapping[tok])
+        b, o = divmod(s, block_size)
+        written[b, o] = True
+        for j in range(num_paged):
+            full = j < num_full
+            want_k = k[tok, full_heads[j]] if full else torch.zeros(d)
+            want_v = v[tok, full_heads[j]] if full else torch.zeros(d)
+            want_q = q.view(t, h, group, d)[tok, full_heads[j]] if full else torch.zeros(group, d)
+            assert torch.equal(key_cache[b, o, j], want_k), f"seed {seed}: token {tok} head {j}"
+            assert torch.equal(value_cache[b, o, j], want_v), f"seed {seed}: token {tok} head {j}"
+            assert torch.equal(qf[tok, j], want_q), f"seed {seed}: gathered query, token {tok} head {j}"
+    if num_paged:
+        assert torch.isnan(key_cache[~written]).all() and torch.isnan(value_cache[~written]).all()
+    rk, rv = ring_k_d.cpu(), ring_v_d.cpu()
+    for row in range(rk.shape[0]):
+        if row in expect:
+            tok = expect[row]
+            assert torch.equal(rk[row], k[tok, stream_heads]), f"seed {seed}: ring row {row}"
+            assert torch.equal(rv[row], v[tok, stream_heads]), f"seed {seed}: ring row {row}"
+        else:
+            assert torch.equal(rk[row], ring_k[row]) and torch.equal(rv[row], ring_v[row]), f"ring row {row} written"
