@@ -293,7 +293,13 @@ class RLKVRuntime:
         if num_reqs > self.slot_buffer.shape[0]:
             raise RuntimeError(f"batch of {num_reqs} rows exceeds the ring slot buffer")
         buf = self.slot_buffer[:num_reqs]
-        buf.copy_(torch.tensor(slots, dtype=torch.int32), non_blocking=True)
+        host = torch.tensor(slots, dtype=torch.int32)
+        if buf.is_cuda:
+            # from pageable memory, cudaMemcpyAsync first synchronises the stream, which stalls
+            # the host until the previous step's graph has run (no async scheduling overlap);
+            # a pinned block from the caching host allocator is not reused before its copy ran
+            host = host.pin_memory()
+        buf.copy_(host, non_blocking=True)
         return buf
 
     def cached_step_value(self, key: Any, make: Any) -> Any:

@@ -17,6 +17,7 @@ from typing import Any
 
 # first match wins; patterns are matched against lower-cased kernel / operator names
 CATEGORIES: list[tuple[str, re.Pattern[str]]] = [
+    ("rlkv_decode_step", re.compile(r"_decode_step_kernel|rlkv_decode_step")),
     ("rlkv_ring_attention", re.compile(r"_ring_attention_kernel")),
     ("rlkv_kv_write", re.compile(r"_fused_kv_write_kernel")),
     ("kv_cache_write", re.compile(r"reshape_and_cache|cache_kernel|concat_and_cache|kv_cache_update")),

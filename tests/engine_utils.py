@@ -40,6 +40,12 @@ def mixed_prompts(n: int = 16, vocab: int = 512, seed: int = 0, max_len: int = 1
     return [[rng.randrange(7, vocab) for _ in range(m)] for m in lengths]
 
 
+def _on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def engine_kwargs(model: str, rlkv: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
     kw: dict[str, Any] = dict(
         model=model,
@@ -51,6 +57,10 @@ def engine_kwargs(model: str, rlkv: dict[str, Any] | None = None, **overrides: A
         seed=0,
         enable_prefix_caching=False,
     )
+    if _on_cuda():
+        # with kv_cache_memory_bytes this is only vLLM's start-up check of free memory: keep it
+        # low so parallel test workers (pytest -n) can share one GPU
+        kw["gpu_memory_utilization"] = 0.1
     if rlkv is not None:
         from rlkv_vllm.compat import backend_flag
 

@@ -10,6 +10,8 @@ from rlkv_vllm.step_profile import StepProfiler, categorize
 
 @pytest.mark.parametrize("name, cat", [
     ("_ring_attention_kernel", "rlkv_ring_attention"),
+    ("_decode_step_kernel", "rlkv_decode_step"),
+    ("rlkv_decode_step_bf16", "rlkv_decode_step"),
     ("_fused_kv_write_kernel", "rlkv_kv_write"),
     ("void flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 64>>", "attention"),
     ("kernel_unified_attention_2d", "attention"),

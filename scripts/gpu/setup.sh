@@ -1,6 +1,7 @@
 # Device side, sourced: unpack vLLM 0.26.0 (carried per ../shared/gpu) and make rlkv-vllm loadable.
 # carry: [".carry/sm90", ".carry/fi", ".carry/s"] (+ ".cache/rlkv-cuda": the CUDA fatbins built here)
-bash .carry/s/onecall.sh 0  # its exit code is that of a final du of cache dirs, not of the unpack
+# once per machine: later calls in the same command reuse the unpacked tree
+[ -d /tmp/site/vllm ] && [ -d /tmp/llama8b ] || bash .carry/s/onecall.sh 0  # exit code: a final du's
 [ -d /tmp/site/vllm ] && [ -d /tmp/llama8b ] || { echo "unpack failed"; return 1; }
 # optional extra wheels (.whl, carried when a test needs a package the image lacks)
 if ls .whl/*.whl >/dev/null 2>&1; then
