@@ -17,8 +17,9 @@ RLKV's ratios are taken against ``K+write`` (the same per-layer work in stock vL
 
 Measured: each sequence is captured in a CUDA graph (vLLM replays decode that way)
 and timed over many replays with CUDA events. Bandwidth = bytes the kernels must read
-(KV of the heads attended, plus q and out) / time, against the device's measured
-copy bandwidth (a large device-to-device copy).
+(KV of the heads attended, plus q and out) / time, against the largest of three
+measured memory bandwidths (a device-to-device copy, an elementwise SM kernel, a
+read-only sum; ``bw_frac``). The first H200 run (2026-12-01) had only the copy probe.
 
   python benchmarks/kernel_study.py                       # the full grid (GPU)
   python benchmarks/kernel_study.py --contexts 1024 4096 --batches 1 8
@@ -78,13 +79,21 @@ def time_graph(fn: Callable[[], None], iters: int) -> float:
     return start.elapsed_time(end) * 1e3 / iters
 
 
-def copy_bandwidth_gbs(nbytes: int = 4 << 30) -> float:
-    """Device-to-device copy bandwidth (read + write bytes per second)."""
-    a = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda")
+def memory_bandwidth_gbs(nbytes: int = 4 << 30) -> dict[str, float]:
+    """The device's memory bandwidth three ways, GB/s of bytes moved (read + written):
+    ``copy`` (tensor.copy_, a device-to-device memcpy), ``elementwise`` (an SM kernel
+    reading one tensor and writing another), ``read`` (a sum: reads only). The study's
+    ceiling is the largest: a decode kernel's traffic is almost all reads."""
+    a = torch.randn(nbytes // 2, dtype=torch.float16, device="cuda")
     b = torch.empty_like(a)
-    us = time_graph(lambda: b.copy_(a), 20)
+    acc = torch.empty((), dtype=torch.float32, device="cuda")
+    out = {
+        "copy": 2 * nbytes / (time_graph(lambda: b.copy_(a), 20) * 1e-6) / 1e9,
+        "elementwise": 2 * nbytes / (time_graph(lambda: torch.mul(a, 1.5, out=b), 20) * 1e-6) / 1e9,
+        "read": nbytes / (time_graph(lambda: torch.sum(a, dtype=torch.float32, out=acc), 20) * 1e-6) / 1e9,
+    }
     del a, b
-    return 2 * nbytes / (us * 1e-6) / 1e9
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 class PagedKV:
@@ -226,8 +235,9 @@ def decode_impls() -> dict[str, Callable[..., None]]:
 def study(a: argparse.Namespace) -> dict:
     sh = Shape()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    bw = copy_bandwidth_gbs()
-    print(f"device copy bandwidth: {bw:.0f} GB/s", flush=True)
+    probes = memory_bandwidth_gbs()
+    bw = max(probes.values())
+    print(f"device memory bandwidth (GB/s): {probes}; ceiling {bw:.0f}", flush=True)
     kernels = stock_kernels()
     impls = decode_impls()
     scale = sh.head_dim**-0.5
@@ -301,7 +311,8 @@ def study(a: argparse.Namespace) -> dict:
                       + " ".join(f"{k} {v:.1f}" for k, v in base.items()) + " | " + "  ".join(line), flush=True)
                 line = []
             torch.cuda.empty_cache()
-    return dict(copy_bandwidth_gbs=round(bw, 1), rows=rows, skipped_for_deadline=skipped)
+    return dict(copy_bandwidth_gbs=probes["copy"], bandwidth_probes_gbs=probes, bandwidth_ceiling_gbs=bw,
+                rows=rows, skipped_for_deadline=skipped)
 
 
 def main() -> int:

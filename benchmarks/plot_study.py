@@ -62,8 +62,10 @@ def plot_engine(d: dict[str, Any]) -> Figure:
                 ax.annotate(f"{x:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
                             va="bottom", fontsize=8)
     s = d["settings"]
+    budget = f"gpu_mem {s['gpu_mem']:g}" if s.get("gpu_mem") else f"KV budget {s['kv_bytes'] / 2**30:g} GiB"
     fig.suptitle(_title(d, f"engine study: {s['num_prompts']} x {s['input_len']} in / {s['output_len']} out, "
-                           f"max_num_seqs {s['max_num_seqs']}; labels: vs {d['ratios']['base']}"), fontsize=10)
+                           f"{budget}, max_num_seqs {s['max_num_seqs']}; labels: vs {d['ratios']['base']}"),
+                 fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -109,9 +111,9 @@ def plot_kernel(d: dict[str, Any]) -> Figure:
                 ax.plot(*zip(*pts), marker="o", label=f"s={s:g}")
             ax.axhline(1.0, color="gray", linewidth=0.8)
             ax.set_xscale("log", base=2)
-            ax.set_title(f"RLKV ({dec} decode) + {k} vs {k}, batch {b}", fontsize=9)
+            ax.set_title(f"RLKV ({dec} decode) + {k}, batch {b}", fontsize=8)
             ax.set_xlabel("context")
-            ax.set_ylabel("speedup (per-layer decode step)")
+            ax.set_ylabel(f"speedup vs {k}+write")
             ax.grid(alpha=0.3)
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
