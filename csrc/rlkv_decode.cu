@@ -66,22 +66,19 @@ __device__ __forceinline__ float dot_row(const float* q, const float* k, int D) 
   for (int d = 0; d < D; ++d) acc += q[d] * k[d];
   return acc;
 }
-__device__ __forceinline__ float dot_row(const float* q, const __half* k, int D) {
-  const __half2* k2 = reinterpret_cast<const __half2*>(k);
+__device__ __forceinline__ float2 pair_to_float2(__half2 x) { return __half22float2(x); }
+__device__ __forceinline__ float2 pair_to_float2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
+template <typename T> struct Pair;
+template <> struct Pair<__half> { using type = __half2; };
+template <> struct Pair<__nv_bfloat16> { using type = __nv_bfloat162; };
+
+template <typename T>  // 16-bit types: two elements per 4-byte word
+__device__ __forceinline__ float dot_row(const float* q, const T* k, int D) {
+  const typename Pair<T>::type* k2 = reinterpret_cast<const typename Pair<T>::type*>(k);
   float acc = 0.f;
 #pragma unroll 8
   for (int d = 0; d < D / 2; ++d) {
-    const float2 kf = __half22float2(k2[d]);
-    acc += q[2 * d] * kf.x + q[2 * d + 1] * kf.y;
-  }
-  return acc;
-}
-__device__ __forceinline__ float dot_row(const float* q, const __nv_bfloat16* k, int D) {
-  const __nv_bfloat162* k2 = reinterpret_cast<const __nv_bfloat162*>(k);
-  float acc = 0.f;
-#pragma unroll 8
-  for (int d = 0; d < D / 2; ++d) {
-    const float2 kf = __bfloat1622float2(k2[d]);
+    const float2 kf = pair_to_float2(k2[d]);
     acc += q[2 * d] * kf.x + q[2 * d + 1] * kf.y;
   }
   return acc;

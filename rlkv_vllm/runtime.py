@@ -295,9 +295,9 @@ class RLKVRuntime:
         buf = self.slot_buffer[:num_reqs]
         host = torch.tensor(slots, dtype=torch.int32)
         if buf.is_cuda:
-            # from pageable memory, cudaMemcpyAsync first synchronises the stream, which stalls
-            # the host until the previous step's graph has run (no async scheduling overlap);
-            # a pinned block from the caching host allocator is not reused before its copy ran
+            # from pageable memory CUDA synchronises the stream before the copy; a pinned block
+            # from the caching host allocator is truly async and not reused before its copy ran
+            # (on the H200 engine study the change was within noise: docs/RESULTS.md)
             host = host.pin_memory()
         buf.copy_(host, non_blocking=True)
         return buf
