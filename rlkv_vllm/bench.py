@@ -368,7 +368,9 @@ def drive(llm: Any, probe: SchedulerProbe | None, prompts: list[list[int]], para
     """Submit all prompts at once and step the engine until they finish (or the deadline passes).
 
     Token times are taken when ``step()`` returns them; with DELTA outputs each step
-    brings one new token per running request. A profiler, if given, wraps its window of steps.
+    brings one new token per running request. A profiler, if given, wraps its window of steps;
+    the clock excludes the profiler's own start and trace reduction (its ``overhead_s``), so a
+    profiled run's tok/s and TPOT compare with unprofiled runs (the window's steps stay in).
     """
     engine = llm.llm_engine
     if probe:
@@ -383,13 +385,17 @@ def drive(llm: Any, probe: SchedulerProbe | None, prompts: list[list[int]], para
     n_out: dict[str, int] = {}
     steps = token_steps = 0
     truncated = False
+
+    def clock() -> float:
+        return time.perf_counter() - (profiler.overhead_s if profiler else 0.0)
+
     while engine.has_unfinished_requests():
         if profiler:
             profiler.before_step()
         outs = engine.step()
         if profiler:
             profiler.after_step()
-        now = time.perf_counter()
+        now = clock()
         steps += 1
         got = False
         for o in outs:
@@ -404,9 +410,9 @@ def drive(llm: Any, probe: SchedulerProbe | None, prompts: list[list[int]], para
             engine.abort_request([r for r in ids if r not in last or n_out[r] < params.max_tokens])
             truncated = True
             break
-    gen_s = time.perf_counter() - t0
     if profiler:
         profiler.close()  # the run ended inside the window
+    gen_s = clock() - t0
     tpots = [(last[r] - first[r]) / (n_out[r] - 1) for r in first if n_out[r] >= 2]
     ttfts = [first[r] - t0 for r in first]
     total_out = sum(n_out.values())
@@ -418,6 +424,8 @@ def drive(llm: Any, probe: SchedulerProbe | None, prompts: list[list[int]], para
         tpot_mean_s=mean(tpots), tpot_p50_s=percentile(tpots, 50), tpot_p90_s=percentile(tpots, 90),
         ttft_mean_s=mean(ttfts), ttft_p90_s=percentile(ttfts, 90),
     )
+    if profiler:
+        res["profiler_overhead_s"] = profiler.overhead_s
     res["output_tok_s"] = total_out / gen_s if gen_s > 0 else None
     res["total_tok_s"] = (total_out + res["input_tokens"]) / gen_s if gen_s > 0 else None
     if probe and probe.running:
@@ -496,7 +504,8 @@ def run_child(s: BenchSettings, cfg: EngineConfig, deadline: float | None) -> tu
         res["throughput"] = drive(llm, probe, prompts, params(s.output_len, s.temperature), "tp", deadline,
                                   profiler)
         if profiler:
-            # the window's steps ran under the profiler (slower): tok/s includes them, as recorded here
+            # the window's steps ran under the profiler (slower) and stay in tok/s; its own start and
+            # trace reduction do not (drive's clock)
             res["profile"] = profiler.result.to_dict() if profiler.result else dict(
                 status="not reached", start=s.profile_start, steps=s.profile_steps)
     else:
@@ -745,8 +754,10 @@ def build_study(s: BenchSettings, results: list[dict[str, Any]], command: str,
     vllm_v = measured[0]["vllm"] if measured else None
     torch_v = measured[0]["torch"] if measured else None
     now = datetime.datetime.now()
+    # a merged file's top-level ratios may divide by another run's stock config; these never do
     run = dict(date=now.date().isoformat(), time=now.isoformat(timespec="seconds"), command=command,
-               device=dev, vllm=vllm_v, configs=[r["config"] for r in results], **extra)
+               device=dev, vllm=vllm_v, configs=[r["config"] for r in results],
+               ratios_within_run=compute_ratios(results), **extra)
     return dict(study=s.study, device=dev, vllm=vllm_v, torch=torch_v, date=run["date"], command=command,
                 method=METHOD, settings=asdict(s), runs=[run], results=results, ratios=compute_ratios(results))
 

@@ -114,7 +114,9 @@ class StepProfiler:
     """Profile a window of engine steps: call ``before_step`` and ``after_step`` around each step.
 
     The window opens at step ``start`` (0-based count of steps seen) and closes after
-    ``steps`` steps; ``result`` is None until it closed.
+    ``steps`` steps; ``result`` is None until it closed. ``overhead_s`` is the host time the
+    profiler itself took outside the window's steps (draining the device before the window,
+    collecting and reducing the trace after it): a timed run subtracts it from its clock.
     """
 
     def __init__(self, start: int, steps: int) -> None:
@@ -125,10 +127,12 @@ class StepProfiler:
         self._prof: Any = None
         self._t0 = 0.0
         self._on_cuda = False
+        self.overhead_s = 0.0
         self.result: StepProfile | None = None
 
     def before_step(self) -> None:
         if self._seen == self.start and self.result is None:
+            t = time.perf_counter()
             import torch
             from torch.profiler import ProfilerActivity, profile
 
@@ -139,6 +143,7 @@ class StepProfiler:
             self._prof = profile(activities=acts)
             self._prof.start()
             self._t0 = time.perf_counter()
+            self.overhead_s += self._t0 - t
 
     def after_step(self) -> None:
         self._seen += 1
@@ -153,8 +158,10 @@ class StepProfiler:
 
         if self._on_cuda:
             torch.cuda.synchronize()
-        wall = time.perf_counter() - self._t0
+        t = time.perf_counter()
+        wall = t - self._t0
         self._prof.stop()
         done = self._seen - self.start
         self.result = summarize(self._prof.key_averages(), done, wall, self._on_cuda)
         self._prof = None
+        self.overhead_s += time.perf_counter() - t

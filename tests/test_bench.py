@@ -123,6 +123,9 @@ def test_write_study_merges_and_refuses_other_workloads(tmp_path: Path) -> None:
     assert [r["config"] for r in study["results"]] == ["stock", "rlkv:0.5"]
     assert [r["command"] for r in study["runs"]] == ["cmd1", "cmd2"]
     assert study["ratios"]["rows"][1]["output_tok_s"] == pytest.approx(1.8)
+    # each run keeps the ratios measured within it: the second had no stock config to divide by
+    assert study["runs"][0]["ratios_within_run"]["rows"][0]["output_tok_s"] == pytest.approx(1.0)
+    assert study["runs"][1]["ratios_within_run"]["base"] is None
     other = BenchSettings(model="m", kv_bytes=1 << 20, num_prompts=7)
     with pytest.raises(BenchError, match=r"^bench\.num_prompts = 7 is not allowed: .*measured with 64"):
         bench.check_mergeable(path, other)

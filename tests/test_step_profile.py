@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -116,3 +118,50 @@ def test_profiled_engine_study_on_the_tiny_model(tmp_path) -> None:
     assert prof["ms_per_step"]["attention"] > 0  # the layers' attention ran inside the window
     assert prof["ms_per_step"]["gemm"] > 0
     assert "profile rlkv:0.5 (4 steps, cpu)" in format_table(study)
+
+
+class _FakeEngine:
+    """Just enough of LLMEngine for bench.drive: every request gets one token per step."""
+
+    def __init__(self, step_s: float) -> None:
+        self.step_s = step_s
+        self.left: dict[str, int] = {}
+
+    def add_request(self, rid: str, prompt: dict, params: object) -> None:
+        self.left[rid] = params.max_tokens  # type: ignore[attr-defined]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.left)
+
+    def step(self) -> list:
+        from types import SimpleNamespace
+
+        time.sleep(self.step_s)
+        outs = [SimpleNamespace(request_id=r, outputs=[SimpleNamespace(token_ids=[1])]) for r in self.left]
+        self.left = {r: n - 1 for r, n in self.left.items() if n > 1}
+        return outs
+
+
+def test_drive_clock_leaves_out_the_profilers_own_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trace reduction that takes 0.5 s must not show in gen_s or TPOT; the window's steps do."""
+    from types import SimpleNamespace
+
+    from rlkv_vllm import bench, step_profile
+
+    real = step_profile.summarize
+
+    def slow_summarize(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(step_profile, "summarize", slow_summarize)
+    llm = SimpleNamespace(llm_engine=_FakeEngine(step_s=0.01))
+    params = SimpleNamespace(max_tokens=20)
+    prof = StepProfiler(start=5, steps=3)
+    res = bench.drive(llm, None, [[1, 2]] * 4, params, "t", None, prof)
+    assert prof.result is not None and prof.result.steps == 3
+    assert res["profiler_overhead_s"] >= 0.5
+    assert res["output_tokens"] == 80 and res["steps"] == 20
+    # 20 steps of 10 ms (+ the window's profiled steps), not + 0.5 s
+    assert 0.2 <= res["gen_s"] < 0.45, res["gen_s"]
+    assert 0.0095 <= res["tpot_mean_s"] < 0.02, res["tpot_mean_s"]
