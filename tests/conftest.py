@@ -38,9 +38,24 @@ import pytest
 from tests.engine_utils import MODEL_CACHE, tiny_model_dir
 
 
+def _share_cpu_threads_among_workers() -> None:
+    """Under pytest-xdist every worker's torch would use all cores (the oracle's float64
+    attention and the transformers reference run on the CPU), so N workers oversubscribe the
+    machine N-fold (the likely cause of the 400 s timeouts of eight parallel engine tests on
+    the 16-core GPU machine)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers <= 1:
+        return
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // workers))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it)")
     config.addinivalue_line("markers", "slow: end-to-end engine or server test")
+    _share_cpu_threads_among_workers()
 
 
 def pytest_collection_modifyitems(config, items):
