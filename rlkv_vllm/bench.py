@@ -385,6 +385,11 @@ def drive(llm: Any, probe: SchedulerProbe | None, prompts: list[list[int]], para
     n_out: dict[str, int] = {}
     steps = token_steps = 0
     truncated = False
+    # TPOT of a request includes the steps that also ran other requests' prefill chunks; the
+    # decode-only step time leaves those out (the pure decode latency a kernel change moves)
+    live = set(ids)
+    decode_step_s: list[float] = []
+    prev = t0
 
     def clock() -> float:
         return time.perf_counter() - (profiler.overhead_s if profiler else 0.0)
@@ -397,15 +402,21 @@ def drive(llm: Any, probe: SchedulerProbe | None, prompts: list[list[int]], para
             profiler.after_step()
         now = clock()
         steps += 1
-        got = False
+        decoding = live.issubset(first)  # every live request was past its prefill before this step
+        got: set[str] = set()
         for o in outs:
             n = len(o.outputs[0].token_ids) if o.outputs else 0
             if n:
-                got = True
+                got.add(o.request_id)
                 first.setdefault(o.request_id, now)
                 last[o.request_id] = now
                 n_out[o.request_id] = n_out.get(o.request_id, 0) + n
-        token_steps += got
+        token_steps += bool(got)
+        if live and decoding and got == live:
+            decode_step_s.append(now - prev)
+        prev = now
+        live -= {r for r in got if n_out[r] >= params.max_tokens}
+        live -= {o.request_id for o in outs if getattr(o, "finished", False)}
         if deadline is not None and time.time() > deadline:
             engine.abort_request([r for r in ids if r not in last or n_out[r] < params.max_tokens])
             truncated = True
@@ -423,6 +434,8 @@ def drive(llm: Any, probe: SchedulerProbe | None, prompts: list[list[int]], para
         steps=steps, token_steps=token_steps,
         tpot_mean_s=mean(tpots), tpot_p50_s=percentile(tpots, 50), tpot_p90_s=percentile(tpots, 90),
         ttft_mean_s=mean(ttfts), ttft_p90_s=percentile(ttfts, 90),
+        decode_steps=len(decode_step_s), decode_step_mean_s=mean(decode_step_s),
+        decode_step_p50_s=percentile(decode_step_s, 50),
     )
     if profiler:
         res["profiler_overhead_s"] = profiler.overhead_s
@@ -699,10 +712,11 @@ def compute_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
             row["tpot_p90"] = _ratio(t.get("tpot_p90_s"), bt.get("tpot_p90_s"))
             row["mean_running"] = _ratio(t.get("mean_running"), bt.get("mean_running"))
         if r.get("latency") is not None:
-            row["tpot"] = [dict(batch=c["batch"], context=c["context"],
-                                tpot_mean=_ratio(c.get("tpot_mean_s"),
-                                                 bcells.get((c["batch"], c["context"]), {}).get("tpot_mean_s")))
-                           for c in r["latency"] if c.get("status") in ("ok", "truncated")]
+            row["tpot"] = [
+                dict(batch=c["batch"], context=c["context"],
+                     **{k: _ratio(c.get(k + "_s"), bcells.get((c["batch"], c["context"]), {}).get(k + "_s"))
+                        for k in ("tpot_mean", "decode_step_mean")})
+                for c in r["latency"] if c.get("status") in ("ok", "truncated")]
         rows.append(row)
     return {"base": base["config"], "rows": rows}
 
@@ -835,23 +849,31 @@ def format_table(study: dict[str, Any]) -> str:
                 f"{_fx(q.get('output_tok_s')):>7} {_fx(q.get('tpot_mean')):>7} {_fx(q.get('capacity')):>7}")
         lines.extend(format_profiles(study["results"]))
     else:
-        cells = sorted({(c["batch"], c["context"]) for r in study["results"] for c in r.get("latency") or []})
-        head = " ".join(f"{f'b{b} c{c}':>12}" for b, c in cells)
         lines.append("TPOT ms per (batch, context); in brackets: vs the stock config")
-        lines.append(f"{'config':<16} {'status':<9} {'capacity':>10} {'cap x':>6}  {head}")
-        for r in study["results"]:
-            by = {(c["batch"], c["context"]): c for c in r.get("latency") or []}
-            q = ratios.get(r["config"], {})
-            qt = {(c["batch"], c["context"]): c["tpot_mean"] for c in q.get("tpot", [])}
-            vals = []
-            for cell in cells:
-                c = by.get(cell, {})
-                v = fmt_ms(c.get("tpot_mean_s")) if c.get("status") in ("ok", "truncated") else "-"
-                x = qt.get(cell)
-                vals.append(f"{v + (f' ({x:.2f})' if x is not None else ''):>12}")
-            lines.append(f"{r['config']:<16} {r['status']:<9} {_fnum(r.get('capacity_tokens'), ',d'):>10} "
-                         f"{_fx(q.get('capacity')):>6}  {' '.join(vals)}")
+        lines.extend(_latency_block(study, ratios, "tpot_mean"))
+        lines.append("decode-only step ms (steps in which every request decoded: no prefill chunk); vs stock")
+        lines.extend(_latency_block(study, ratios, "decode_step_mean"))
     return "\n".join(lines)
+
+
+def _latency_block(study: dict[str, Any], ratios: dict[str, Any], key: str) -> list[str]:
+    """One row per config of ``key + '_s'`` per (batch, context) cell, with its ratio to stock."""
+    cells = sorted({(c["batch"], c["context"]) for r in study["results"] for c in r.get("latency") or []})
+    head = " ".join(f"{f'b{b} c{c}':>12}" for b, c in cells)
+    lines = [f"{'config':<16} {'status':<9} {'capacity':>10} {'cap x':>6}  {head}"]
+    for r in study["results"]:
+        by = {(c["batch"], c["context"]): c for c in r.get("latency") or []}
+        q = ratios.get(r["config"], {})
+        qt = {(c["batch"], c["context"]): c.get(key) for c in q.get("tpot", [])}
+        vals = []
+        for cell in cells:
+            c = by.get(cell, {})
+            v = fmt_ms(c.get(key + "_s")) if c.get("status") in ("ok", "truncated") else "-"
+            x = qt.get(cell)
+            vals.append(f"{v + (f' ({x:.2f})' if x is not None else ''):>12}")
+        lines.append(f"{r['config']:<16} {r['status']:<9} {_fnum(r.get('capacity_tokens'), ',d'):>10} "
+                     f"{_fx(q.get('capacity')):>6}  {' '.join(vals)}")
+    return lines
 
 
 # ---------------------------------------------------------------- command line (rlkv bench, engine_study.py)

@@ -92,13 +92,73 @@ def test_ratios_against_first_stock() -> None:
 
 def test_latency_ratios_per_cell() -> None:
     def lat(name: str, tpots: dict[tuple[int, int], float]) -> dict[str, Any]:
-        cells = [dict(batch=b, context=c, tpot_mean_s=t, status="ok") for (b, c), t in tpots.items()]
+        cells = [dict(batch=b, context=c, tpot_mean_s=t, decode_step_mean_s=t / 2, status="ok")
+                 for (b, c), t in tpots.items()]
         return dict(config=name, kind=bench.parse_config(name).kind, status="ok", capacity_tokens=10, latency=cells)
 
     r = bench.compute_ratios([lat("stock", {(1, 1024): 0.01, (8, 1024): 0.02}),
                               lat("rlkv:0.5", {(1, 1024): 0.005, (8, 1024): 0.03})])
-    tp = {(c["batch"], c["context"]): c["tpot_mean"] for c in r["rows"][1]["tpot"]}
-    assert tp == {(1, 1024): pytest.approx(0.5), (8, 1024): pytest.approx(1.5)}
+    for key in ("tpot_mean", "decode_step_mean"):
+        tp = {(c["batch"], c["context"]): c[key] for c in r["rows"][1]["tpot"]}
+        assert tp == {(1, 1024): pytest.approx(0.5), (8, 1024): pytest.approx(1.5)}
+
+
+class _ChunkedPrefillEngine:
+    """Just enough of LLMEngine for bench.drive: one request at a time prefills for
+    ``chunks`` steps of ``prefill_s`` (no token), while the prefilled ones decode one
+    token per step; a step with no prefill takes ``decode_s``."""
+
+    def __init__(self, chunks: int, prefill_s: float, decode_s: float) -> None:
+        self.chunks, self.prefill_s, self.decode_s = chunks, prefill_s, decode_s
+        self.queue: list[str] = []
+        self.left: dict[str, int] = {}
+        self.decoding: list[str] = []
+        self.chunks_left = chunks
+
+    def add_request(self, rid: str, prompt: dict, params: Any) -> None:
+        self.queue.append(rid)
+        self.left[rid] = params.max_tokens
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.left)
+
+    def step(self) -> list[Any]:
+        import time
+        from types import SimpleNamespace
+
+        emit = list(self.decoding)
+        if self.queue:
+            time.sleep(self.prefill_s)
+            self.chunks_left -= 1
+            if self.chunks_left == 0:  # the last chunk yields the first token
+                emit.append(self.queue.pop(0))
+                self.decoding.append(emit[-1])
+                self.chunks_left = self.chunks
+        else:
+            time.sleep(self.decode_s)
+        outs = []
+        for r in emit:
+            self.left[r] -= 1
+            outs.append(SimpleNamespace(request_id=r, outputs=[SimpleNamespace(token_ids=[1])],
+                                        finished=self.left[r] == 0))
+            if self.left[r] == 0:
+                del self.left[r]
+                self.decoding.remove(r)
+        return outs
+
+
+def test_decode_step_time_leaves_out_prefill_steps() -> None:
+    """TPOT counts the 40 ms steps that also prefill other requests; the decode-only step
+    time is the 5 ms of steps in which every request decoded."""
+    from types import SimpleNamespace
+
+    llm = SimpleNamespace(llm_engine=_ChunkedPrefillEngine(chunks=2, prefill_s=0.04, decode_s=0.005))
+    res = bench.drive(llm, None, [[1, 2]] * 3, SimpleNamespace(max_tokens=12), "t", None)
+    assert res["output_tokens"] == 36
+    # steps 1-6 prefill (first tokens at 2, 4, 6); 7-17 only decode, until the last request's 12th token
+    assert res["decode_steps"] == 11, res["decode_steps"]
+    assert 0.0045 <= res["decode_step_mean_s"] < 0.012, res["decode_step_mean_s"]
+    assert res["tpot_mean_s"] > 1.5 * res["decode_step_mean_s"]
 
 
 def test_merge_results_replaces_by_name() -> None:
