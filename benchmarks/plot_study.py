@@ -71,23 +71,29 @@ def plot_engine(d: dict[str, Any]) -> Figure:
 
 
 def plot_latency(d: dict[str, Any]) -> Figure:
-    """TPOT against context; one panel per batch size."""
+    """TPOT against context, one panel per batch size; a second row with the decode-only step
+    time (steps without prefill chunks) when the file has it."""
     rows = [r for r in d["results"] if _ok(r)]
     batches = sorted({c["batch"] for r in rows for c in r.get("latency") or []})
-    fig, axes = plt.subplots(1, max(len(batches), 1), figsize=(5 * max(len(batches), 1), 4), squeeze=False)
-    for ax, b in zip(axes[0], batches):
-        for r in rows:
-            cells = sorted((c["context"], c["tpot_mean_s"] * 1e3) for c in r["latency"]
-                           if c["batch"] == b and _ok(c) and c.get("tpot_mean_s") is not None)
-            if cells:
-                ax.plot(*zip(*cells), marker="o", label=r["config"],
-                        linestyle="--" if r["kind"] == "stock" else "-")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("TPOT (ms)")
-        ax.set_title(f"batch {b}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    metrics = [("tpot_mean_s", "TPOT (ms)")]
+    if any(c.get("decode_step_mean_s") is not None for r in rows for c in r.get("latency") or []):
+        metrics.append(("decode_step_mean_s", "decode-only step (ms)"))
+    ncols = max(len(batches), 1)
+    fig, axes = plt.subplots(len(metrics), ncols, figsize=(5 * ncols, 4 * len(metrics)), squeeze=False)
+    for i, (key, label) in enumerate(metrics):
+        for ax, b in zip(axes[i], batches):
+            for r in rows:
+                cells = sorted((c["context"], c[key] * 1e3) for c in r["latency"]
+                               if c["batch"] == b and _ok(c) and c.get(key) is not None)
+                if cells:
+                    ax.plot(*zip(*cells), marker="o", label=r["config"],
+                            linestyle="--" if r["kind"] == "stock" else "-")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context (tokens)")
+            ax.set_ylabel(label)
+            ax.set_title(f"batch {b}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.suptitle(_title(d, f"latency study, {d['settings']['latency_output_len']} tokens generated"), fontsize=10)
     fig.tight_layout()
     return fig
