@@ -12,7 +12,8 @@ capacity (num_gpu_blocks x block_size), mean running requests, TPOT mean/p50/p90
 preemptions; and each config's tok/s, TPOT and capacity over the first stock config.
 
 Latency (--latency): for each --batches x --contexts cell (contexts clipped to
-max_model_len), TPOT of --latency-output-len generated tokens.
+max_model_len), TPOT of --latency-output-len generated tokens, and the decode-only step time
+(steps in which every request decoded: a request's TPOT also holds the steps that prefill others).
 
   python benchmarks/engine_study.py --configs stock:CPU_ATTN rlkv:0.5 --num-prompts 32 \\
       --input-len 128 --output-len 128 --kv-bytes 33554432 --max-num-seqs 64     # CPU, tiny model

@@ -4,6 +4,8 @@
   python benchmarks/plot_study.py benchmarks/results/engine-...json    # engine_study.py (throughput)
   python benchmarks/plot_study.py benchmarks/results/latency-...json   # engine_study.py --latency
   python benchmarks/plot_study.py benchmarks/results/kernel-...json    # kernel_study.py
+  python benchmarks/plot_study.py --grid --out SWEEP.png engine-A.json engine-B.json ...
+      # engine files of one workload as one sweep over sparsity (ratios within each run)
 
 Engine: output tok/s, TPOT, KV capacity and mean running requests per config, each bar
 labelled with its ratio to the first stock config. Latency: TPOT against context, one
@@ -29,6 +31,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+from rlkv_vllm.bench import workload_keys  # noqa: E402
 
 
 def _title(d: dict[str, Any], what: str) -> str:
@@ -131,12 +135,97 @@ def plot_kernel(d: dict[str, Any]) -> Figure:
 PLOTTERS = {"engine": plot_engine, "latency": plot_latency, "kernel": plot_kernel}
 
 
+def plot_grid(studies: list[dict[str, Any]]) -> Figure:
+    """Several engine-study files of one workload as one sweep over sparsity: each run's RLKV
+    configs over the stock config of that same run (``ratios_within_run``), so no ratio divides by
+    another run's stock. Other configs (gated, other stock backends) are drawn as level lines."""
+    pts: dict[str, list[tuple[float, float]]] = {"output_tok_s": [], "capacity": [], "mean_running": []}
+    levels: dict[str, float] = {}
+    for d in studies:
+        runs = d.get("runs", [])
+        for run in runs:
+            # files written before runs kept their own ratios hold one run: the top level is that run's
+            ratios = run.get("ratios_within_run") or (d.get("ratios") if len(runs) == 1 else None) or {}
+            for row in ratios.get("rows", []):
+                name = row["config"]
+                if name.startswith("rlkv:"):
+                    for k, xs in pts.items():
+                        if row.get(k) is not None:
+                            xs.append((float(name[5:]), row[k]))
+                elif name != ratios.get("base") and row.get("output_tok_s") is not None:
+                    levels[name] = row["output_tok_s"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = {"output_tok_s": "output tok/s", "capacity": "KV capacity", "mean_running": "mean running"}
+    for k, xs in pts.items():
+        if xs:
+            line = ax.plot(*zip(*sorted(xs)), marker="o", linestyle="-", label=labels[k])[0]
+            line.set_alpha(0.9)
+    grid = sorted({x for x, _ in pts["capacity"]} | {0.0})
+    ax.plot(grid, [1 / (1 - x) for x in grid], color="gray", linestyle=":", label="1 / (1 - s)")
+    for name, v in sorted(levels.items()):
+        ax.axhline(v, linestyle="--", linewidth=0.8, color="black", alpha=0.5)
+        ax.annotate(f"{name} {v:.2f}x", (0.0, v), textcoords="offset points", xytext=(2, 3), fontsize=7)
+    # the paper's own engine (SGLang fork, A100, its workload): a reference, not this run
+    ax.plot([0.5, 0.6], [1.80, 2.06], marker="x", linestyle="none", color="black",
+            label="paper's SGLang fork, tok/s (A100)")
+    ax.set_yscale("log", base=2)
+    ticks = [0.8, 1, 1.25, 1.5, 2, 3, 4, 5]
+    ax.set_yticks(ticks, [f"{t:g}x" for t in ticks])
+    ax.set_xlabel("sparsity s (fraction of KV heads streaming)")
+    ax.set_ylabel("ratio to stock FLASH_ATTN in the same run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    first = studies[0]
+    runs = sum(len(d.get("runs", [])) for d in studies)
+    ax.set_title(_title(first, f"engine study, {runs} runs of one workload"), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _grid_mismatch(paths: list[str], studies: list[dict[str, Any]]) -> str | None:
+    """Why these files cannot form one sweep (None if they can)."""
+    for path, d in zip(paths, studies):
+        if d.get("study") != "engine":
+            return f"study = {d.get('study')!r} in {path}: --grid takes engine-study files only"
+    first = studies[0]
+    for path, d in zip(paths[1:], studies[1:]):
+        for k in ("device", "vllm"):
+            if d.get(k) != first.get(k):
+                return (f"{k} = {d.get(k)!r} in {path}, {first.get(k)!r} in {paths[0]}: "
+                        "--grid takes files of one device and vLLM version")
+        for k in workload_keys("engine"):
+            if d["settings"].get(k) != first["settings"].get(k):
+                return (f"settings.{k} = {d['settings'].get(k)!r} in {path}, {first['settings'].get(k)!r} in "
+                        f"{paths[0]}: --grid takes files of one workload")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("study_json")
+    p.add_argument("study_json", nargs="+")
     p.add_argument("--out", default=None, help="PNG path (default: the JSON's path with .png)")
+    p.add_argument("--grid", action="store_true",
+                   help="engine files of one workload: one sweep over sparsity, ratios within each run")
     a = p.parse_args(argv)
-    with open(a.study_json) as f:
+    if a.grid:
+        if not a.out:
+            print("plot_study.py: error: --grid needs --out PNG", file=sys.stderr)
+            return 2
+        studies = []
+        for path in a.study_json:
+            with open(path) as f:
+                studies.append(json.load(f))
+        problem = _grid_mismatch(a.study_json, studies)
+        if problem:
+            print(f"plot_study.py: error: {problem}", file=sys.stderr)
+            return 2
+        plot_grid(studies).savefig(a.out, dpi=110)
+        print(f"wrote {os.path.relpath(a.out)}")
+        return 0
+    if len(a.study_json) > 1:
+        print("plot_study.py: error: give one study file (or --grid with several)", file=sys.stderr)
+        return 2
+    with open(a.study_json[0]) as f:
         d = json.load(f)
     kind = d.get("study")
     if kind not in PLOTTERS:
@@ -144,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     fig = PLOTTERS[kind](d)
-    out = a.out or os.path.splitext(a.study_json)[0] + ".png"
+    out = a.out or os.path.splitext(a.study_json[0])[0] + ".png"
     fig.savefig(out, dpi=110)
     print(f"wrote {os.path.relpath(out)}")
     return 0

@@ -11,7 +11,8 @@ read the scheduler's running count at every scheduled batch.
 
 Throughput mode: ``num_prompts`` random prompts of ``input_len`` tokens, ``output_len``
 tokens each, all submitted at once. Latency mode: for every (batch, context) ``batch``
-requests of ``context`` tokens generate ``latency_output_len`` tokens; TPOT per cell.
+requests of ``context`` tokens generate ``latency_output_len`` tokens; TPOT per cell, and the
+decode-only step time (steps in which every request decoded, no prefill chunk beside them).
 
 Everything above the child (config parsing, validation, ratios, merging, tables) is
 pure Python and imports neither vLLM nor torch.
