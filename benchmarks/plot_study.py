@@ -158,8 +158,7 @@ def plot_grid(studies: list[dict[str, Any]]) -> Figure:
     labels = {"output_tok_s": "output tok/s", "capacity": "KV capacity", "mean_running": "mean running"}
     for k, xs in pts.items():
         if xs:
-            line = ax.plot(*zip(*sorted(xs)), marker="o", linestyle="-", label=labels[k])[0]
-            line.set_alpha(0.9)
+            ax.plot(*zip(*sorted(xs)), marker="o", linestyle="-", label=labels[k])
     grid = sorted({x for x, _ in pts["capacity"]} | {0.0})
     ax.plot(grid, [1 / (1 - x) for x in grid], color="gray", linestyle=":", label="1 / (1 - s)")
     for name, v in sorted(levels.items()):
