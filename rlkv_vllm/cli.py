@@ -39,7 +39,7 @@ def _vllm_cli(argv: list[str]) -> int:
 def _pattern(argv: list[str]) -> int:
     import numpy as np
 
-    from .patterns import HeadPattern, select_full_heads
+    from .core.patterns import HeadPattern, select_full_heads
 
     p = argparse.ArgumentParser(prog="rlkv pattern")
     p.add_argument("file")

@@ -23,7 +23,7 @@ import threading
 import weakref
 from typing import Any, Callable
 
-from .settings import RLKVConfigError
+from .core.settings import ModelShape, RLKVConfigError
 
 BACKEND_NAME = "RLKV"
 CUDA_BACKEND_PATH = "rlkv_vllm.backends.cuda.RLKVCudaBackend"
@@ -92,6 +92,45 @@ def current_vllm_config():
     from vllm.config import get_current_vllm_config
 
     return get_current_vllm_config()
+
+
+# ------------------------------------------------------------ engine config
+def rlkv_section(vllm_config: Any) -> Any:
+    """The raw ``additional_config["rlkv"]`` (``core.settings.parse_settings`` validates it)."""
+    return (getattr(vllm_config, "additional_config", None) or {}).get("rlkv")
+
+
+def model_shape(vllm_config: Any) -> ModelShape:
+    mc = vllm_config.model_config
+    hf = mc.hf_text_config
+    return ModelShape(
+        num_layers=int(hf.num_hidden_layers),
+        num_kv_heads=int(mc.get_total_num_kv_heads()),
+        num_q_heads=int(hf.num_attention_heads),
+        head_size=int(mc.get_head_size()),
+        model_id=str(mc.model),
+    )
+
+
+def model_dtype(vllm_config: Any) -> Any:
+    return vllm_config.model_config.dtype
+
+
+def max_num_seqs(vllm_config: Any) -> int:
+    return int(vllm_config.scheduler_config.max_num_seqs)
+
+
+def tp_size_rank(vllm_config: Any) -> tuple[int, int]:
+    """(tensor-parallel size, this process's rank); rank 0 in the front-end (no group yet)."""
+    size = int(vllm_config.parallel_config.tensor_parallel_size)
+    if size == 1:
+        return 1, 0
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return size, int(get_tensor_model_parallel_rank())
+    except Exception:  # noqa: BLE001 - front-end: no process group yet
+        return size, 0
 
 
 # ----------------------------------------------------------------- registration

@@ -16,7 +16,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
-    from .runtime import RLKVPlan
+    from .core.plan import RLKVPlan
     from .slots import SlotManager
 
 ENV_FILE = "RLKV_METRICS_FILE"

@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from . import compat
-from .settings import RLKVConfigError
+from .core.settings import RLKVConfigError
 
 logger = logging.getLogger("rlkv_vllm")
 

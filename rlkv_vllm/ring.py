@@ -5,13 +5,6 @@ from __future__ import annotations
 import torch
 
 
-
-def ring_bytes(ring_heads: list[int], num_slots: int, window: int, head_size: int, dtype: torch.dtype) -> int:
-    """Bytes of all rings: (slots + 1 scratch) x window x ring heads x (K + V)."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return (num_slots + 1) * window * sum(ring_heads) * 2 * head_size * elem
-
-
 class RingPool:
     """K and V rings per layer.
 

@@ -1,8 +1,8 @@
-"""Per-process RLKV state derived from one vLLM config.
+"""Per-worker RLKV state derived from one vLLM config.
 
-``RLKVPlan`` is pure (settings, head split, ring size) and is built both in the
-front-end (to validate at startup) and in each worker. ``RLKVRuntime`` adds what
-a worker holds: the ring pool, the slot manager and the gate buffer.
+The plan (``core.plan``) is pure and is built both in the front-end (to validate at
+startup) and in each worker. ``RLKVRuntime`` adds what a worker holds: the ring
+pool, the slot manager and the gate buffer.
 """
 
 from __future__ import annotations
@@ -15,145 +15,27 @@ import numpy as np
 import torch
 
 from . import compat
-from .patterns import LayerHeads, resolve_head_mask, split_layers
-from .ring import RingPool, ring_bytes
-from .settings import ModelShape, RLKVConfigError, RLKVSettings, parse_settings
+from .core.patterns import local_kv_heads
+from .core.plan import RLKVPlan
+from .core.plan import build_plan as core_build_plan
+from .core.settings import RLKVConfigError, parse_settings
+from .metrics import WorkerMetricsPublisher
+from .ring import RingPool
 from .slots import SlotManager
 
 logger = logging.getLogger("rlkv_vllm")
 
 
-def model_shape(vllm_config: Any) -> ModelShape:
-    mc = vllm_config.model_config
-    hf = mc.hf_text_config
-    return ModelShape(
-        num_layers=int(hf.num_hidden_layers),
-        num_kv_heads=int(mc.get_total_num_kv_heads()),
-        num_q_heads=int(hf.num_attention_heads),
-        head_size=int(mc.get_head_size()),
-        model_id=str(mc.model),
-    )
-
-
-def tp_size_rank(vllm_config: Any) -> tuple[int, int]:
-    size = int(vllm_config.parallel_config.tensor_parallel_size)
-    if size == 1:
-        return 1, 0
-    try:
-        from vllm.distributed import get_tensor_model_parallel_rank
-
-        return size, int(get_tensor_model_parallel_rank())
-    except Exception:  # noqa: BLE001 - front-end: no process group yet
-        return size, 0
-
-
-@dataclass
-class RLKVPlan:
-    """What RLKV will do for one engine config (no tensors allocated).
-
-    mask: bool [L, H_kv] full heads (global indices); gates: float32 [L, H_kv].
-    layers: this rank's per-layer split; ring_nbytes: bytes of this rank's rings
-    (max over ranks, which is what every rank must reserve).
-    """
-
-    settings: RLKVSettings
-    shape: ModelShape
-    mask: np.ndarray
-    gates: np.ndarray
-    tp_size: int
-    tp_rank: int
-    layers: list[LayerHeads]
-    max_num_seqs: int
-    dtype: torch.dtype
-    ring_nbytes: int
-
-    @property
-    def serve(self) -> bool:
-        return self.settings.mode == "serve"
-
-    def ring_heads(self) -> list[int]:
-        """Heads with a ring per layer: the streaming heads (serve), every head (gated)."""
-        return ring_heads_of(self.layers, self.settings.mode)
-
-    @property
-    def sparsity_actual(self) -> float:
-        return float(1.0 - self.mask.mean())
-
-    def paged_heads(self) -> list[int]:
-        """KV-head slots each layer pages (0: a layer with no full head)."""
-        if not self.serve:
-            return [len(l.full) + len(l.stream) for l in self.layers]
-        return [l.paged_slots for l in self.layers]
-
-    def paged_bytes_per_token(self) -> int:
-        """What vLLM's block manager is charged per token; a layer with no full head
-        reports one slot of head size 1 (see compat.reduce_kv_spec)."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        heads = self.paged_heads()
-        return (sum(heads) * 2 * self.shape.head_size + 2 * heads.count(0)) * elem
-
-    def ideal_bytes_per_token(self) -> int:
-        """Bytes per token of the full heads alone."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return sum(self.paged_heads()) * 2 * self.shape.head_size * elem
-
-    def stock_bytes_per_token(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        heads = sum(len(l.full) + len(l.stream) for l in self.layers)
-        return heads * 2 * self.shape.head_size * elem
-
-    def summary(self) -> str:
-        full = int(self.mask.sum())
-        return (
-            f"RLKV {self.settings.mode}: {full}/{self.mask.size} KV heads full "
-            f"(sparsity {self.sparsity_actual:.3f}, selection {self.settings.selection}), "
-            f"window {self.settings.sink}+{self.settings.recent}, "
-            f"paged KV {self.paged_bytes_per_token()} B/token vs stock {self.stock_bytes_per_token()}, "
-            f"ring {self.ring_nbytes / 2**20:.1f} MiB for {self.max_num_seqs} slots"
-        )
-
-
-def ring_heads_of(layers: list[LayerHeads], mode: str) -> list[int]:
-    if mode == "serve":
-        return [l.n_stream for l in layers]
-    # gated: the streaming branch of every head reads its own ring (vLLM's CPU paged
-    # layout is ISA-specific, so the ring is the one portable place to read it from)
-    return [l.n_full + l.n_stream for l in layers]
-
-
 def build_plan(vllm_config: Any, tp_rank: int | None = None) -> RLKVPlan:
-    """Validate RLKV against an engine config; raises RLKVConfigError with one line."""
-    raw = (vllm_config.additional_config or {}).get("rlkv")
-    settings = parse_settings(raw)
-    shape = model_shape(vllm_config)
-    if shape.num_q_heads % shape.num_kv_heads:
-        raise RLKVConfigError(
-            f"model {shape.model_id} has {shape.num_q_heads} query heads, not a multiple of "
-            f"its {shape.num_kv_heads} KV heads"
-        )
-    mask, gates = resolve_head_mask(settings, shape)
-    tp_size, rank = tp_size_rank(vllm_config)
-    if tp_rank is not None:
-        rank = tp_rank
-    layers = split_layers(mask, tp_size, rank)
-    dtype = vllm_config.model_config.dtype
-    max_num_seqs = int(vllm_config.scheduler_config.max_num_seqs)
-    nbytes = max(
-        ring_bytes(ring_heads_of(split_layers(mask, tp_size, r), settings.mode), max_num_seqs,
-                   settings.window, shape.head_size, dtype)
-        for r in range(tp_size)
-    )
-    return RLKVPlan(
-        settings=settings,
-        shape=shape,
-        mask=mask,
-        gates=gates,
+    """The plan of one engine config; raises RLKVConfigError with one line."""
+    tp_size, rank = compat.tp_size_rank(vllm_config)
+    return core_build_plan(
+        parse_settings(compat.rlkv_section(vllm_config)),
+        compat.model_shape(vllm_config),
+        max_num_seqs=compat.max_num_seqs(vllm_config),
+        dtype=compat.model_dtype(vllm_config),
         tp_size=tp_size,
-        tp_rank=rank,
-        layers=layers,
-        max_num_seqs=max_num_seqs,
-        dtype=dtype,
-        ring_nbytes=nbytes,
+        tp_rank=rank if tp_rank is None else tp_rank,
     )
 
 
@@ -205,8 +87,6 @@ class RLKVRuntime:
         self.settings = self.plan.settings
         self.device = torch.device(vllm_config.device_config.device)
         self.ring: RingPool | None = None
-        from .metrics import WorkerMetricsPublisher
-
         self.metrics = WorkerMetricsPublisher.from_env(self.plan)
         self.slots = SlotManager(self.plan.max_num_seqs, on_change=self.metrics.on_slots)
         # alpha per (layer, local KV head); updated in place so CUDA graphs stay valid
@@ -229,8 +109,6 @@ class RLKVRuntime:
         return self.plan.serve
 
     def _local_gates(self, gates: np.ndarray) -> torch.Tensor:
-        from .patterns import local_kv_heads
-
         heads = local_kv_heads(self.plan.shape.num_kv_heads, self.plan.tp_size, self.plan.tp_rank)
         return torch.as_tensor(np.asarray(gates, dtype=np.float32)[:, heads])
 

@@ -152,7 +152,7 @@ def random_pattern(spec: TinyModelSpec, seed: int = 0):
     """A reproducible gate pattern for a tiny model (values in [0, 1])."""
     import numpy as np
 
-    from .patterns import HeadPattern
+    from .core.patterns import HeadPattern
 
     rng = np.random.default_rng(seed)
     gates = rng.uniform(0.0, 1.0, size=(spec.num_layers, spec.num_kv_heads)).astype(np.float32)

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from rlkv_vllm.patterns import HeadPattern
+from rlkv_vllm.core.patterns import HeadPattern
 from rlkv_vllm.tiny_model import TinyModelSpec, build_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from rlkv_vllm.ops.torch_stream import StreamPlan, build_stream_plan
-from rlkv_vllm.reference import oracle_attention
+from rlkv_vllm.core.reference import oracle_attention
 
 
 

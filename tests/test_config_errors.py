@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from rlkv_vllm.settings import RLKVConfigError
+from rlkv_vllm.core.settings import RLKVConfigError
 from rlkv_vllm.tiny_model import TinyModelSpec
 from tests.engine_utils import engine_kwargs, random_gates, tiny_model_dir, write_pattern
 

@@ -21,7 +21,7 @@ import torch
 from .. import compat
 from ..ops.torch_stream import StreamPlan, build_stream_plan, ring_stream_attention, ring_write
 from ..runtime import RLKVRuntime, runtime_for
-from ..settings import RLKVConfigError
+from ..core.settings import RLKVConfigError
 
 
 @dataclass

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.plan import ring_index
+
 # Tokens per block when materialising gathered keys: bounds the temporary
 # [block, C, heads, head_dim] tensors.
 TOKEN_BLOCK = 256
@@ -51,11 +53,6 @@ class StreamPlan:
     @property
     def window(self) -> int:
         return self.sink + self.recent
-
-
-def ring_index(pos: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
-    """Ring slot of absolute position(s) ``pos``."""
-    return torch.where(pos < sink, pos, sink + torch.remainder(pos - sink, recent))
 
 
 def token_rows_and_positions(

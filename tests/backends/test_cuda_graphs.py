@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlkv_vllm.hf_reference import greedy_generate, load_reference_model
-from rlkv_vllm.patterns import select_full_heads
+from rlkv_vllm.core.hf_reference import greedy_generate, load_reference_model
+from rlkv_vllm.core.patterns import select_full_heads
 from tests.engine_utils import engine, first_mismatch, greedy, mixed_prompts, random_gates, write_pattern
 
 pytestmark = [pytest.mark.slow, pytest.mark.gpu]
@@ -42,7 +42,7 @@ def test_serve_under_cuda_graphs_matches_oracle(mode, decode_kernel, tiny_model,
     gates = random_gates(4, 4, seed=11)
     pattern = write_pattern(str(tmp_path / "p.json"), gates)
     rlkv = {"heads": pattern, "sparsity": 0.5, "sink": SINK, "recent": RECENT, "decode_kernel": decode_kernel}
-    ref = load_reference_model(tiny_model, full_mask=select_full_heads(gates, 0.5, "global"),
+    ref = load_reference_model(tiny_model, compute_dtype=torch.float64, full_mask=select_full_heads(gates, 0.5, "global"),
                                sink=SINK, recent=RECENT)
     want = [greedy_generate(ref, p, GEN) for p in prompts]
     with engine(tiny_model, rlkv, max_num_batched_tokens=64, **graphs(mode)) as llm:
@@ -75,10 +75,10 @@ def test_gated_under_cuda_graphs(tiny_model, tmp_path):
     prompts = mixed_prompts(8, seed=3, max_len=90)
     pattern = write_pattern(str(tmp_path / "p.json"), random_gates(4, 4, seed=1))
     alpha = random_gates(4, 4, seed=21)
-    ref = load_reference_model(tiny_model, alpha=torch.tensor(alpha), sink=SINK, recent=RECENT)
+    ref = load_reference_model(tiny_model, compute_dtype=torch.float64, alpha=torch.tensor(alpha), sink=SINK, recent=RECENT)
     want = [greedy_generate(ref, p, GEN) for p in prompts]
     zeros = np.zeros((4, 4), dtype=np.float32)
-    ref0 = load_reference_model(tiny_model, full_mask=zeros.astype(bool), sink=SINK, recent=RECENT)
+    ref0 = load_reference_model(tiny_model, compute_dtype=torch.float64, full_mask=zeros.astype(bool), sink=SINK, recent=RECENT)
     want0 = [greedy_generate(ref0, p, GEN) for p in prompts]
     rlkv = {"heads": pattern, "mode": "gated", "sink": SINK, "recent": RECENT}
     with engine(tiny_model, rlkv, **graphs("FULL_AND_PIECEWISE")) as llm:

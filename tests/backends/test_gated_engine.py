@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlkv_vllm.hf_reference import greedy_generate, load_reference_model
+from rlkv_vllm.core.hf_reference import greedy_generate, load_reference_model
 from tests.engine_utils import engine, first_mismatch, greedy, mixed_prompts, random_gates, write_pattern
 
 pytestmark = pytest.mark.slow
@@ -28,9 +28,9 @@ def test_gated_mode(kernel, tiny_model, tmp_path):
 
     zeros = np.zeros((4, 4), dtype=np.float32)
     alpha = random_gates(4, 4, seed=21)
-    ref_stream = load_reference_model(tiny_model, full_mask=zeros.astype(bool), sink=SINK, recent=RECENT)
+    ref_stream = load_reference_model(tiny_model, compute_dtype=torch.float64, full_mask=zeros.astype(bool), sink=SINK, recent=RECENT)
     want_stream = [greedy_generate(ref_stream, p, GEN) for p in prompts]
-    ref_gated = load_reference_model(tiny_model, alpha=torch.tensor(alpha), sink=SINK, recent=RECENT)
+    ref_gated = load_reference_model(tiny_model, compute_dtype=torch.float64, alpha=torch.tensor(alpha), sink=SINK, recent=RECENT)
     want_gated = [greedy_generate(ref_gated, p, GEN) for p in prompts]
 
     rlkv = {"heads": pattern, "mode": "gated", "sink": SINK, "recent": RECENT, "kernel": kernel}

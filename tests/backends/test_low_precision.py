@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlkv_vllm.hf_reference import load_reference_model
-from rlkv_vllm.patterns import select_full_heads
+from rlkv_vllm.core.hf_reference import load_reference_model
+from rlkv_vllm.core.patterns import select_full_heads
 from tests.engine_utils import engine, mixed_prompts, random_gates, write_pattern
 
 pytestmark = pytest.mark.slow
@@ -50,8 +50,8 @@ def test_low_precision_tracks_oracle(dtype, tiny_model, tmp_path):
         got = vllm_logprobs(llm, prompts)
     with engine(tiny_model, dtype=dtype, max_num_batched_tokens=64) as llm:
         stock = vllm_logprobs(llm, prompts)
-    streaming = load_reference_model(tiny_model, full_mask=mask, sink=SINK, recent=RECENT)
-    full = load_reference_model(tiny_model)
+    streaming = load_reference_model(tiny_model, compute_dtype=torch.float64, full_mask=mask, sink=SINK, recent=RECENT)
+    full = load_reference_model(tiny_model, compute_dtype=torch.float64)
 
     def mean_err(a, model):
         return float(np.mean([np.abs(x - oracle_logprobs(model, p)).mean() for x, p in zip(a, prompts)]))

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from rlkv_vllm.hf_reference import greedy_generate, load_reference_model
-from rlkv_vllm.patterns import select_full_heads
+from rlkv_vllm.core.hf_reference import greedy_generate, load_reference_model
+from rlkv_vllm.core.patterns import select_full_heads
 from tests.engine_utils import (
     engine,
     first_mismatch,
@@ -73,7 +74,7 @@ def test_matches_oracle_across_chunking_and_batching(case, tiny_model, prompts, 
         assert mask[1].sum() == 0 and mask[3].all()
     assert 0 < mask.sum() < mask.size
 
-    ref_model = load_reference_model(tiny_model, full_mask=mask, sink=SINK, recent=RECENT)
+    ref_model = load_reference_model(tiny_model, compute_dtype=torch.float64, full_mask=mask, sink=SINK, recent=RECENT)
     expected = [greedy_generate(ref_model, p, GEN) for p in prompts]
 
     runs = {}
@@ -121,7 +122,7 @@ def test_gqa_groups_and_block_sizes(shape, tmp_path):
     pattern = write_pattern(str(tmp_path / "p.json"), gates)
     mask = select_full_heads(gates, 0.5, "global")
     prompts = mixed_prompts(8, seed=6, max_len=90)
-    ref = load_reference_model(model, full_mask=mask, sink=SINK, recent=RECENT)
+    ref = load_reference_model(model, compute_dtype=torch.float64, full_mask=mask, sink=SINK, recent=RECENT)
     expected = [greedy_generate(ref, p, 60) for p in prompts]
     rlkv = {"heads": pattern, "sparsity": 0.5, "sink": SINK, "recent": RECENT}
     with engine(model, rlkv, block_size=block, max_num_batched_tokens=32, max_num_seqs=8) as llm:

@@ -4,9 +4,10 @@ per-layer paged head count (padded to the max over ranks). Outputs still match t
 from __future__ import annotations
 
 import pytest
+import torch
 
-from rlkv_vllm.hf_reference import greedy_generate, load_reference_model
-from rlkv_vllm.patterns import select_full_heads, split_layers
+from rlkv_vllm.core.hf_reference import greedy_generate, load_reference_model
+from rlkv_vllm.core.patterns import select_full_heads, split_layers
 from tests.engine_utils import engine, first_mismatch, greedy, mixed_prompts, random_gates, write_pattern
 
 pytestmark = pytest.mark.slow
@@ -18,8 +19,6 @@ def test_tp2_matches_oracle(tiny_model, tmp_path, monkeypatch):
     if is_cpu_platform():
         monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per CPU worker
     else:
-        import torch
-
         if torch.cuda.device_count() < 2:
             pytest.skip("needs 2 GPUs")
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
@@ -31,7 +30,7 @@ def test_tp2_matches_oracle(tiny_model, tmp_path, monkeypatch):
     assert r0[0].n_full == 2 and r1[0].n_full == 0 and r1[0].paged_slots == 2
 
     prompts = mixed_prompts(6, seed=3, max_len=80)
-    ref = load_reference_model(tiny_model, full_mask=mask, sink=4, recent=8)
+    ref = load_reference_model(tiny_model, compute_dtype=torch.float64, full_mask=mask, sink=4, recent=8)
     want = [greedy_generate(ref, p, 40) for p in prompts]
     rlkv = {"heads": pattern, "sparsity": 0.5, "sink": 4, "recent": 8}
     with engine(tiny_model, rlkv, tensor_parallel_size=2, distributed_executor_backend="mp") as llm:

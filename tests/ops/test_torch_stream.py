@@ -5,7 +5,6 @@ import torch
 
 from rlkv_vllm.ops.torch_stream import (
     build_stream_plan,
-    ring_index,
     ring_stream_attention,
     ring_write,
 )
@@ -37,14 +36,6 @@ def test_ring_matches_oracle_half(dtype, tol, device):
     case = Case(num_reqs=4, max_len=200, kv_heads=2, group=4, head_dim=64, sink=16, recent=64, dtype=dtype, seed=7)
     err, _ = run_case(case, torch_ring_step, device)
     assert err < tol, err
-
-
-def test_ring_index_layout():
-    pos = torch.arange(0, 40)
-    idx = ring_index(pos, 4, 8)
-    assert idx[:4].tolist() == [0, 1, 2, 3]
-    assert idx[4:12].tolist() == list(range(4, 12))
-    assert idx[12].item() == 4 and idx[39].item() == 4 + (39 - 4) % 8
 
 
 def test_plan_candidates_and_writes():

@@ -90,7 +90,7 @@ def test_ring_kernels_match_oracle_half(kernels, path, dtype, tol):
 @pytest.mark.parametrize("gqa", [(2, 4), (3, 1)])
 def test_gated_mix(kernels, gqa):
     """alpha mixes the full result already in ``out`` with the streaming result."""
-    from rlkv_vllm.reference import oracle_attention
+    from rlkv_vllm.core.reference import oracle_attention
 
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)

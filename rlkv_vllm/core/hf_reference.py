@@ -1,7 +1,13 @@
-"""A plain transformers forward whose attention is the oracle (``reference.py``).
+"""A plain transformers forward whose attention is the oracle's semantics.
 
 Used to check the vLLM backend end to end (same weights, greedy tokens must match)
-and by the trainer's learner (gated mode with alpha as a trainable parameter).
+and by the trainer's learner (gated mode with alpha as a trainable parameter). Every
+layer runs ``batched.gated_attention`` on the whole padded batch in one pass; the 2-D
+``attention_mask`` (1 = real token, either padding side) reaches it through a mask
+function registered for this attention implementation, so positions, the causal mask
+and the Lambda window are counted among each row's real tokens. Give ``position_ids``
+consistent with the mask (``attention_mask.cumsum(-1) - 1``, as ``generate`` does) so
+RoPE sees the same positions.
 """
 
 from __future__ import annotations
@@ -10,40 +16,50 @@ from typing import Any
 
 import torch
 
-from .reference import oracle_attention
+from .batched import gated_attention
 
 ATTN_NAME = "rlkv_oracle"
 
 
 def _oracle_attention_fn(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
-                         **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers attention interface: query [B, Hq, Tq, D], key/value [B, Hk, Tk, D]."""
-    b, hq, tq, d = query.shape
-    scale = scaling if scaling is not None else d**-0.5
+                         attention_mask: torch.Tensor | None, scaling: float | None = None,
+                         dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: query [B, Hq, Tq, D], key/value [B, Hk, Tk, D];
+    attention_mask: bool [B, Tk] key padding (see ``_key_padding_mask``) or None.
+    Returns [B, Tq, Hq, D], what the interface expects."""
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"the {ATTN_NAME} attention takes a 2-D [batch, keys] padding mask, got a "
+                         f"{attention_mask.dim()}-D mask")
+    d = query.shape[-1]
     spec = getattr(module, "rlkv_spec", None) or {}
-    outs = []
-    for i in range(b):
-        outs.append(
-            oracle_attention(
-                query[i].transpose(0, 1),
-                key[i].transpose(0, 1),
-                value[i].transpose(0, 1),
-                scale=scale,
-                full_heads=spec.get("full"),
-                alpha=spec.get("alpha"),
-                sink=spec.get("sink", 16),
-                recent=spec.get("recent", 64),
-                compute_dtype=spec.get("compute_dtype", torch.float64),
-            )
-        )
-    return torch.stack(outs, 0), None
+    out = gated_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+        scale=scaling if scaling is not None else d**-0.5,
+        sink=spec.get("sink", 16), recent=spec.get("recent", 64),
+        alpha=spec.get("alpha"), full_heads=spec.get("full"),
+        attention_mask=attention_mask, compute_dtype=spec.get("compute_dtype"),
+    )
+    return out, None
+
+
+def _key_padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0, kv_offset: int = 0,
+                      mask_function: Any = None, attention_mask: torch.Tensor | None = None,
+                      **kwargs: Any) -> torch.Tensor | None:
+    """transformers mask interface: hand the 2-D padding mask through as bool [B, kv_length]
+    (None without padding); the attention builds its causal and Lambda masks itself."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, kv_offset: kv_offset + kv_length].to(torch.bool)
+    if mask.shape[-1] != kv_length:
+        raise ValueError(f"attention_mask covers {mask.shape[-1]} keys, the cache holds {kv_length}")
+    return None if bool(mask.all()) else mask
 
 
 def _register() -> None:
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface, AttentionMaskInterface
 
     AttentionInterface.register(ATTN_NAME, _oracle_attention_fn)
+    AttentionMaskInterface.register(ATTN_NAME, _key_padding_mask)
 
 
 def attention_modules(model: Any) -> list[Any]:
@@ -58,13 +74,14 @@ def install_oracle(
     alpha: Any = None,
     sink: int = 16,
     recent: int = 64,
-    compute_dtype: torch.dtype = torch.float64,
+    compute_dtype: torch.dtype | None = None,
 ) -> Any:
-    """Make ``model`` attend through the oracle.
+    """Make ``model`` attend through the oracle's semantics.
 
     full_mask: bool [L, H_kv] (True = full) for serve semantics; alpha: [L, H_kv]
     tensor for gated semantics (may be a Parameter: gradients flow into it).
-    Neither: every head full.
+    Neither: every head full. compute_dtype: default float32 (float64 for a float64
+    model); the engine tests that compare greedy tokens exactly ask for float64.
     """
     _register()
     model.config._attn_implementation = ATTN_NAME

@@ -5,16 +5,16 @@ import os
 import numpy as np
 import pytest
 
-from rlkv_vllm.patterns import (
+from rlkv_vllm.core.patterns import (
     HeadPattern,
     local_kv_heads,
     resolve_head_mask,
     select_full_heads,
     split_layers,
 )
-from rlkv_vllm.settings import ModelShape, RLKVConfigError, RLKVSettings
+from rlkv_vllm.core.settings import ModelShape, RLKVConfigError, RLKVSettings
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
 PUBLISHED = {
     "DeepSeek-R1-Distill-Llama-8B": (32, 8),
     "DeepSeek-R1-Distill-Qwen-7B": (28, 4),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rlkv_vllm.reference import lambda_mask, oracle_attention
+from rlkv_vllm.core.reference import lambda_mask, oracle_attention
 
 
 def naive(q, k, v, scale, sink, recent, streaming):

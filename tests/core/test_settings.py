@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlkv_vllm.settings import RLKVConfigError, parse_settings
+from rlkv_vllm.core.settings import RLKVConfigError, parse_settings
 
 
 @pytest.fixture

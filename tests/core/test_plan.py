@@ -1,0 +1,59 @@
+"""The pure plan: ring geometry, per-layer head split, bytes per token, ring bytes over TP ranks."""
+
+import numpy as np
+import pytest
+import torch
+
+from rlkv_vllm.core.plan import build_plan, ring_bytes, ring_index
+from rlkv_vllm.core.settings import ModelShape, RLKVConfigError, RLKVSettings
+
+
+def test_ring_index_layout():
+    pos = torch.arange(0, 40)
+    idx = ring_index(pos, 4, 8)
+    assert idx[:4].tolist() == [0, 1, 2, 3]
+    assert idx[4:12].tolist() == list(range(4, 12))
+    assert idx[12].item() == 4 and idx[39].item() == 4 + (39 - 4) % 8
+
+
+def _plan(mask, mode="serve", tp_size=1, tp_rank=0, max_num_seqs=8, dtype=torch.float16):
+    shape = ModelShape(num_layers=mask.shape[0], num_kv_heads=mask.shape[1], num_q_heads=2 * mask.shape[1],
+                       head_size=64)
+    settings = RLKVSettings(selection="explicit", mode=mode, sink=4, recent=12,
+                            full_heads=tuple((int(l), int(h)) for l, h in zip(*np.nonzero(mask))))
+    return build_plan(settings, shape, max_num_seqs=max_num_seqs, dtype=dtype, tp_size=tp_size, tp_rank=tp_rank)
+
+
+def test_serve_plan_bytes():
+    mask = np.array([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=bool)
+    plan = _plan(mask)
+    assert [l.n_full for l in plan.layers] == [2, 0, 4]
+    assert plan.ring_heads() == [2, 4, 0]
+    # fp16: 2 bytes; the all-streaming layer reports one slot of head size 1 (2 elements)
+    assert plan.paged_bytes_per_token() == (6 * 2 * 64 + 2) * 2
+    assert plan.ideal_bytes_per_token() == 6 * 2 * 64 * 2
+    assert plan.stock_bytes_per_token() == 12 * 2 * 64 * 2
+    assert plan.ring_nbytes == ring_bytes([2, 4, 0], 8, 16, 64, torch.float16) == 9 * 16 * 6 * 2 * 64 * 2
+    assert plan.sparsity_actual == pytest.approx(0.5)
+
+
+def test_gated_plan_rings_every_head():
+    mask = np.array([[1, 0], [0, 1]], dtype=bool)
+    plan = _plan(mask, mode="gated")
+    assert plan.ring_heads() == [2, 2]
+    assert plan.paged_heads() == [2, 2]
+
+
+def test_tp_ranks_reserve_the_max_ring_and_pad_paged_slots():
+    # rank 0 holds heads 0-1, rank 1 heads 2-3: layer 0 has 2 full on rank 0 and 0 on rank 1
+    mask = np.array([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=bool)
+    r0, r1 = _plan(mask, tp_size=2, tp_rank=0), _plan(mask, tp_size=2, tp_rank=1)
+    assert [l.paged_slots for l in r0.layers] == [l.paged_slots for l in r1.layers] == [2, 1]
+    assert r0.ring_nbytes == r1.ring_nbytes == ring_bytes([2, 1], 8, 16, 64, torch.float16)
+
+
+def test_query_heads_must_group():
+    shape = ModelShape(num_layers=1, num_kv_heads=3, num_q_heads=4, head_size=64, model_id="odd")
+    settings = RLKVSettings(selection="explicit", full_heads=((0, 0),))
+    with pytest.raises(RLKVConfigError, match="not a multiple"):
+        build_plan(settings, shape, max_num_seqs=4, dtype=torch.float32)
