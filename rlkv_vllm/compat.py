@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import threading
 import weakref
@@ -33,6 +34,13 @@ MAX_VLLM = (0, 33)
 
 _lock = threading.Lock()
 _installed = False
+
+
+def plugin_logger() -> logging.Logger:
+    """The plugin's logger: a child of vLLM's ``vllm`` logger, so its lines reach vLLM's handler
+    (the server log) with vLLM's format and level. A logger of our own name has no handler
+    there and its INFO lines are dropped."""
+    return logging.getLogger("vllm.rlkv")
 
 
 def vllm_version() -> tuple[int, int, int]:
