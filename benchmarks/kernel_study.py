@@ -119,13 +119,14 @@ class PagedKV:
 
 def stock_kernels() -> dict[str, Callable[..., Callable[[], None]]]:
     """name -> make(q, out, paged, qsl, ctx) returning a zero-argument launch."""
+    from rlkv_vllm.compat import stock_decode_kernels
+
+    kernels = stock_decode_kernels()
+    for name, why in kernels["errors"].items():
+        print(f"{name} unavailable: {why}", file=sys.stderr)
     made: dict[str, Callable[..., Callable[[], None]]] = {}
-    try:
-        from vllm.vllm_flash_attn import flash_attn_varlen_func
-
-        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
-
-        fa_version = get_flash_attn_version(head_size=128)
+    if "flash_attn_varlen_func" in kernels:
+        flash_attn_varlen_func, fa_version = kernels["flash_attn_varlen_func"], kernels["fa_version"]
 
         def make_fa(q, out, paged, qsl, ctx, scale):
             return lambda: flash_attn_varlen_func(
@@ -134,20 +135,14 @@ def stock_kernels() -> dict[str, Callable[..., Callable[[], None]]]:
                 block_table=paged.block_table, fa_version=fa_version)
 
         made["FLASH_ATTN"] = make_fa
-    except Exception as e:  # noqa: BLE001 - report and go on with the others
-        print(f"FLASH_ATTN unavailable: {e}", file=sys.stderr)
-    try:
-        from vllm.v1.attention.backends.triton_attn import (
-            MIN_LAUNCH_GRID_SIZE_2D,
-            NUM_PAR_SOFTMAX_SEGMENTS,
-        )
-        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+    if "unified_attention" in kernels:
+        unified_attention = kernels["unified_attention"]
 
         def make_triton(q, out, paged, qsl, ctx, scale):
             b, hq, d = q.shape[0], q.shape[1], q.shape[2]
             hk = paged.k.shape[2]
-            thr = MIN_LAUNCH_GRID_SIZE_2D // hk  # as vLLM's builder sets it (no graph rounding)
-            seg = NUM_PAR_SOFTMAX_SEGMENTS
+            thr = kernels["triton_min_launch_grid_2d"] // hk  # as vLLM's builder sets it (no graph rounding)
+            seg = kernels["triton_softmax_segments"]
             so = torch.empty(max(thr, b), hq, seg, d, dtype=torch.float32, device="cuda")
             sm = torch.empty(max(thr, b), hq, seg, dtype=torch.float32, device="cuda")
             se = torch.empty_like(sm)
@@ -159,15 +154,14 @@ def stock_kernels() -> dict[str, Callable[..., Callable[[], None]]]:
                 softmax_segm_output=so, softmax_segm_max=sm, softmax_segm_expsum=se)
 
         made["TRITON_ATTN"] = make_triton
-    except Exception as e:  # noqa: BLE001
-        print(f"TRITON_ATTN unavailable: {e}", file=sys.stderr)
     return made
 
 
 def stock_with_write(q, out, paged: PagedKV, qsl, ctx, scale, make) -> Callable[[], None]:
     """vLLM's per-layer decode work: store the step's keys/values, then attend."""
-    from vllm._custom_ops import reshape_and_cache_flash
+    from rlkv_vllm.compat import stock_decode_kernels
 
+    reshape_and_cache_flash = stock_decode_kernels()["reshape_and_cache_flash"]
     b, hk, d = q.shape[0], paged.k.shape[2], q.shape[2]
     k_tok = torch.randn(b, hk, d, dtype=q.dtype, device="cuda")
     v_tok = torch.randn_like(k_tok)

@@ -278,9 +278,9 @@ def engine_kwargs(s: BenchSettings, cfg: EngineConfig) -> dict[str, Any]:
     mode refuses it, and stock must run the same scheduler to be comparable."""
     eager = s.enforce_eager
     if eager is None:
-        from vllm.platforms import current_platform
+        from .compat import is_cpu_platform
 
-        eager = bool(current_platform.is_cpu())
+        eager = is_cpu_platform()
     kw: dict[str, Any] = dict(model=s.model, dtype=s.dtype, load_format=s.load_format,
                               max_num_seqs=s.max_num_seqs, max_model_len=s.max_model_len,
                               enforce_eager=eager, enable_prefix_caching=False, seed=s.seed)

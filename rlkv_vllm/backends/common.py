@@ -47,12 +47,6 @@ class RLKVMetadata:
     plan: StreamPlan | None
 
 
-def _decoder_type() -> str:
-    from vllm.v1.attention.backend import AttentionType
-
-    return AttentionType.DECODER
-
-
 class RLKVImplMixin:
     """Mixed into a subclass of the platform's stock AttentionImpl."""
 
@@ -73,13 +67,8 @@ class RLKVImplMixin:
         self._rlkv_layer: int | None = None
         if not compat.config_selects_rlkv(cfg):
             return
-        names = (
-            "num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes", "sliding_window",
-            "kv_cache_dtype", "logits_soft_cap", "attn_type", "kv_sharing_target_layer_name",
-        )
-        given = dict(zip(names, args))
-        given.update(kwargs)
-        if given.get("attn_type", _decoder_type()) != _decoder_type():
+        given = compat.stock_impl_arguments(self._rlkv_stock_impl_cls(), args, kwargs)
+        if given.get("attn_type", compat.decoder_attention_type()) != compat.decoder_attention_type():
             return  # encoder / cross attention keeps the stock path
         problems = []
         if given.get("alibi_slopes") is not None:
@@ -103,12 +92,10 @@ class RLKVImplMixin:
 
     def _make_inner_impl(self, num_heads: int, num_kv_heads: int) -> Any:
         """A stock impl for a subset of heads (built inside the engine's config context)."""
-        from vllm.config import set_current_vllm_config
-
         kw = dict(self._rlkv_stock_kwargs)
         kw.update(num_heads=num_heads, num_kv_heads=num_kv_heads)
         stock_cls = self._rlkv_stock_impl_cls()
-        with set_current_vllm_config(self.rlkv_runtime.vllm_config):
+        with compat.vllm_config_context(self.rlkv_runtime.vllm_config):
             return stock_cls(**kw)
 
     @classmethod
@@ -275,9 +262,7 @@ class RLKVBuilderMixin:
         return self._rlkv_wrap(common_attn_metadata, full)
 
     def _rlkv_find_runtime(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any) -> None:
-        from vllm.config import get_layers_from_vllm_config
-
-        layers = get_layers_from_vllm_config(vllm_config, compat.attention_layer_cls(), layer_names)
+        layers = compat.attention_layers(vllm_config, layer_names)
         runtimes = {id(l.impl.rlkv_runtime): l.impl.rlkv_runtime for l in layers.values()
                     if getattr(l.impl, "rlkv_runtime", None) is not None}
         self.rlkv_runtime = next(iter(runtimes.values()), None)

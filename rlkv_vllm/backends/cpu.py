@@ -10,13 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm.v1.attention.backends.cpu_attn import (
-    CPUAttentionBackend,
-    CPUAttentionBackendImpl,
-    CPUAttentionMetadataBuilder,
-)
-
+from .. import compat
 from .common import RLKVBuilderMixin, RLKVImplMixin
+
+CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder = compat.stock_backend_classes("CPU_ATTN")
 
 
 class RLKVCpuImpl(RLKVImplMixin, CPUAttentionBackendImpl):

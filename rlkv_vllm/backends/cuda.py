@@ -31,24 +31,19 @@ from typing import Any, ClassVar
 
 import torch
 
-from vllm.v1.attention.backend import AttentionCGSupport
-from vllm.v1.attention.backends.triton_attn import (
-    TritonAttentionBackend,
-    TritonAttentionImpl,
-    TritonAttentionMetadataBuilder,
-)
-
+from .. import compat
+from ..core.settings import parse_settings
 from ..ops import cuda_decode
 from ..ops.triton_stream import decode_step, fused_kv_write, ring_attention
 from ..runtime import resolve_kernel
 from .common import RLKVBuilderMixin, RLKVImplMixin, RLKVMetadata
 
+AttentionCGSupport = compat.cudagraph_support()
+TritonAttentionBackend, TritonAttentionImpl, TritonAttentionMetadataBuilder = compat.stock_backend_classes(
+    "TRITON_ATTN")
 try:
-    from vllm.v1.attention.backends.flash_attn import (
-        FlashAttentionBackend,
-        FlashAttentionImpl,
-        FlashAttentionMetadataBuilder,
-    )
+    FlashAttentionBackend, FlashAttentionImpl, FlashAttentionMetadataBuilder = compat.stock_backend_classes(
+        "FLASH_ATTN")
 except ImportError:  # a build without vllm_flash_attn: Triton only
     FlashAttentionBackend = None  # type: ignore[assignment,misc]
 
@@ -56,15 +51,6 @@ except ImportError:  # a build without vllm_flash_attn: Triton only
 # gated mode: mix alpha inside the ring kernel (one pass) or in PyTorch after it; the fused
 # mix disagreed with the oracle in the engine test on the H100 (not root-caused yet)
 _FUSED_GATED_MIX = os.environ.get("RLKV_FUSED_GATED_MIX", "0") == "1"
-
-
-def paged_key_value(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[num_blocks, block_size, H, D] key and value views of the paged cache."""
-    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:  # [2, blocks, block_size, H, D]
-        key_cache, value_cache = kv_cache.unbind(0)
-        return key_cache, value_cache
-    key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
-    return key_cache, value_cache
 
 
 class RLKVCudaImplMixin(RLKVImplMixin):
@@ -79,7 +65,7 @@ class RLKVCudaImplMixin(RLKVImplMixin):
         sink, recent = rt.settings.sink, rt.settings.recent
         rows = (md.query_start_loc, md.seq_lens, md.slot_ids)
         if self._n_full:
-            kc, vc = paged_key_value(kv_cache, self.head_size)
+            kc, vc = compat.paged_key_value(kv_cache, self.head_size)
             paged = (kc, vc, md.slot_mapping, self._paged_src)
         else:
             paged = (None, None, None, None)
@@ -121,7 +107,7 @@ class RLKVCudaImplMixin(RLKVImplMixin):
             return super()._forward_gated(layer, q, k, v, kv_cache, md, out)
         sink, recent = rt.settings.sink, rt.settings.recent
         rows = (md.query_start_loc, md.seq_lens, md.slot_ids)
-        kc, vc = paged_key_value(kv_cache, self.head_size)
+        kc, vc = compat.paged_key_value(kv_cache, self.head_size)
         fused_kv_write(k, v, kc, vc, md.slot_mapping, self._paged_src, None, None, None, *rows, sink, recent)
         alpha = rt.gates[self._rlkv_layer]
         if _FUSED_GATED_MIX:
@@ -153,10 +139,10 @@ class RLKVCudaBuilderMixin(RLKVBuilderMixin):
 
 
 def _rlkv_setting(vllm_config: Any, key: str) -> str:
-    raw = ((getattr(vllm_config, "additional_config", None) or {}).get("rlkv") or {}).get(key, "auto")
+    value = getattr(parse_settings(compat.rlkv_section(vllm_config)), key)
     if key == "kernel":
-        return resolve_kernel(raw, torch.device(vllm_config.device_config.device))
-    return raw
+        return resolve_kernel(value, torch.device(vllm_config.device_config.device))
+    return value
 
 
 class RLKVCudaBackendMixin:
@@ -248,9 +234,7 @@ def flash_attn_unavailable_reason(vllm_config: Any) -> str | None:
     if dtype not in (_t.float16, _t.bfloat16):
         return f"dtype {dtype} (FlashAttention takes float16/bfloat16)"
     try:
-        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
-
-        if get_flash_attn_version(head_size=vllm_config.model_config.get_head_size()) is None:
+        if compat.flash_attn_version(vllm_config.model_config.get_head_size()) is None:
             return "no FlashAttention version supports this device/head size"
     except Exception as e:  # noqa: BLE001 - a probe: any failure means "not usable"
         return f"FlashAttention probe failed: {e}"
@@ -276,7 +260,5 @@ def __getattr__(name: str) -> Any:
     # vLLM resolves the registered path "rlkv_vllm.backends.cuda.RLKVCudaBackend" while the
     # model is built, with the engine's config current
     if name == "RLKVCudaBackend":
-        from vllm.config import get_current_vllm_config
-
-        return select_backend(get_current_vllm_config())
+        return select_backend(compat.current_vllm_config())
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
