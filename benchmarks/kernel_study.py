@@ -189,12 +189,18 @@ def rlkv_launch(sh: Shape, q, out, full_paged: PagedKV | None, stream_kv: list[i
     seq_lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
     k_tok = torch.randn(b, sh.kv_heads, sh.head_dim, dtype=sh.dtype, device="cuda")
     v_tok = torch.randn_like(k_tok)
-    rk, rv = ring if stream_kv else (None, None)
-    if make_full is None or full_paged is None:
-        paged = (None, None, None, None)
-    else:
-        paged = (full_paged.k, full_paged.v, full_paged.last_slots(),
-                 torch.tensor(full_kv, dtype=torch.int32, device="cuda"))
+    from rlkv_vllm.ops.views import LayerPools, StepRows
+
+    pool_views: dict = {}
+    if stream_kv:
+        pool_views.update(ring_k=ring[0], ring_v=ring[1], ring_src=ring_src)
+    slot_mapping = None
+    if make_full is not None and full_paged is not None:
+        slot_mapping = full_paged.last_slots()
+        pool_views.update(key_cache=full_paged.k, value_cache=full_paged.v,
+                          paged_src=torch.tensor(full_kv, dtype=torch.int32, device="cuda"))
+    pools = LayerPools(sink=sh.sink, recent=sh.recent, **pool_views)
+    rows = StepRows(qsl, seq_lens, slot_ids, slot_mapping=slot_mapping, max_query_len=1)
     all_full = not stream_kv
     qf = of = full = None
     if make_full is not None and full_kv:
@@ -203,8 +209,7 @@ def rlkv_launch(sh: Shape, q, out, full_paged: PagedKV | None, stream_kv: list[i
         full = make_full(qf, of, full_paged, qsl, ctx, scale)
 
     def run() -> None:
-        decode_fn(q, k_tok, v_tok, out, *paged, None if all_full else qf, rk, rv, ring_src, qsl, seq_lens,
-                  slot_ids, sh.sink, sh.recent, scale)
+        decode_fn(q, k_tok, v_tok, out, None if all_full else qf, rows, pools, scale)
         if full is not None:
             full()
             if not all_full:

@@ -67,7 +67,7 @@ def check_engine_config(vllm_config: Any) -> None:
             "need a CUDA device; allowed here: auto, torch"
         )
     if plan.settings.decode_kernel == "cuda":
-        from .runtime import decode_kernel_problem
+        from .ops.pools import decode_kernel_problem
 
         problem = "it needs a CUDA device" if compat.is_cpu_platform() else decode_kernel_problem(plan)
         if problem is not None:

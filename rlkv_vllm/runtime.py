@@ -20,6 +20,7 @@ from .core.plan import RLKVPlan
 from .core.plan import build_plan as core_build_plan
 from .core.settings import RLKVConfigError, parse_settings
 from .metrics import WorkerMetricsPublisher
+from .ops.pools import StreamingPool, choose_pool
 from .ring import RingPool
 from .slots import SlotManager
 
@@ -39,45 +40,6 @@ def build_plan(vllm_config: Any, tp_rank: int | None = None) -> RLKVPlan:
     )
 
 
-def resolve_kernel(kernel: str, device: torch.device) -> str:
-    """The streaming-pool implementation to run: "triton" or "torch"."""
-    if kernel == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return kernel
-
-
-def decode_kernel_problem(plan: RLKVPlan) -> str | None:
-    """Why the CUDA decode kernel cannot serve this plan (None if it can), device aside."""
-    from .ops import cuda_build, cuda_decode
-
-    reason = cuda_decode.shape_unsupported_reason(plan.dtype, plan.shape.head_size, plan.shape.group_size,
-                                                  plan.settings.window)
-    if reason is not None:
-        return reason
-    try:
-        cuda_build.locate("rlkv_decode")
-    except cuda_build.CudaBuildError as e:
-        return str(e)
-    return None
-
-
-def resolve_decode_kernel(plan: RLKVPlan, kernel: str, device: torch.device) -> str:
-    """The decode-step kernel: "triton" or "cuda" (only with the Triton streaming path).
-
-    "auto" takes Triton: the CUDA kernel is opt-in until the kernel study shows it faster
-    on the device in hand (docs/RESULTS.md).
-    """
-    choice = plan.settings.decode_kernel
-    if kernel != "triton" or choice in ("auto", "triton"):
-        return "triton"
-    from .ops import cuda_decode
-
-    problem = decode_kernel_problem(plan) or cuda_decode.unavailable_reason(device)
-    if problem is not None:
-        raise RLKVConfigError(f"rlkv.decode_kernel = 'cuda' cannot run: {problem}")
-    return "cuda"
-
-
 class RLKVRuntime:
     """A worker's RLKV state for one engine. Created by the first RLKV attention layer."""
 
@@ -95,9 +57,9 @@ class RLKVRuntime:
             raise RLKVConfigError(f"layers hold different numbers of KV heads: {local}")
         self.gates = self._local_gates(self.plan.gates).to(self.device)
         self._plan_cache: tuple[Any, Any] | None = None
-        self.kernel = resolve_kernel(self.settings.kernel, self.device)
-        # loads the CUDA module here, inside model loading and before any graph capture
-        self.decode_kernel = resolve_decode_kernel(self.plan, self.kernel, self.device)
+        # the streaming-pool implementation, chosen once (inside model loading, so a CUDA
+        # decode module is loaded before any graph capture)
+        self.pool: StreamingPool = choose_pool(self.plan, self.device)
         sched = vllm_config.scheduler_config
         rows = max(self.plan.max_num_seqs, int(getattr(sched, "max_num_batched_tokens", 0) or 0)) + 1
         self.slot_buffer = torch.full((rows,), self.plan.max_num_seqs, dtype=torch.int32, device=self.device)
@@ -107,6 +69,16 @@ class RLKVRuntime:
     @property
     def serve(self) -> bool:
         return self.plan.serve
+
+    @property
+    def kernel(self) -> str:
+        """The streaming-pool path: "triton" or "torch"."""
+        return self.pool.name
+
+    @property
+    def decode_kernel(self) -> str | None:
+        """The decode-step kernel of the Triton pool ("triton" or "cuda"); None for torch."""
+        return getattr(self.pool, "decode", None)
 
     def _local_gates(self, gates: np.ndarray) -> torch.Tensor:
         heads = local_kv_heads(self.plan.shape.num_kv_heads, self.plan.tp_size, self.plan.tp_rank)

@@ -1,14 +1,19 @@
-"""Platform-independent part of the RLKV attention backend.
+"""The RLKV attention impl and metadata builder, mixed into a platform's stock classes.
 
-Serve mode, per layer:
-- full heads: the platform's stock kernel on the subset of heads, over a paged
-  cache that holds only those heads (vLLM's block manager sees the smaller pages);
-- streaming heads: ring attention (``ops.torch_stream``) over fixed per-request slots.
-Gated mode: every head is paged and full, and every head also has a ring for its
-streaming branch; outputs mix with alpha from a persistent buffer.
+Per layer and step, top to bottom (``RLKVImplMixin.forward``):
 
-The platform classes (``backends.cpu``, ``backends.cuda``) subclass the stock
-backend, so with RLKV off they behave exactly as stock.
+- serve mode: the bound streaming pool (``ops.pools``, chosen once per engine) attends the
+  streaming heads over their ring into the output and stores what the step adds (ring
+  rows; on the Triton path also the full heads' paged KV, and their queries gathered for
+  the stock kernel); then the platform's stock impl runs on the full heads over a paged
+  cache that holds only those heads (vLLM's block manager sees the smaller pages), and
+  their output is scattered back.
+- gated mode (training rollouts): every head is paged and full, and every head also has
+  a ring for its streaming branch; ``alpha * full + (1 - alpha) * streaming`` per KV head,
+  alpha from a persistent buffer.
+
+The platform classes (``backends.cpu``, ``backends.cuda``) pick the stock base and say
+what it needs; with RLKV off they behave exactly as stock.
 """
 
 from __future__ import annotations
@@ -19,32 +24,27 @@ from typing import Any
 import torch
 
 from .. import compat
-from ..ops.torch_stream import StreamPlan, build_stream_plan, ring_stream_attention, ring_write
-from ..runtime import RLKVRuntime, runtime_for
 from ..core.settings import RLKVConfigError
+from ..ops.pools import FullHeadInputs, HeadSplit, StreamingPool, gather_heads, head_split
+from ..ops.views import LayerPools, StepRows
+from ..runtime import RLKVRuntime, runtime_for
 
 
 @dataclass
 class RLKVMetadata:
     """Per-step metadata for one attention group.
 
-    full: the stock backend's metadata for the paged (full) heads (None for the group
-        of layers with no full head).
-    query_start_loc: [B + 1], seq_lens: [B], slot_mapping: [>= T]: vLLM's persistent
-        per-step device buffers; slot_ids: [B] ring slot per batch row (our persistent
-        buffer). All four keep their addresses across steps, so CUDA graphs replay.
-    plan: the PyTorch path's gather plan (None when the Triton kernels run).
-    max_query_len: the longest query span of a row (host int): 1 selects the decode kernels.
+    full: the stock builder's metadata for the paged (full) heads (None for the group of
+        layers with no full head).
+    rows: the step's rows (vLLM's persistent per-step buffers plus our ring-slot buffer: their
+        addresses never change, so CUDA graphs replay them).
+    step_plan: the pool's per-step plan, shared by every layer (None for the Triton pool).
     """
 
     full: Any
     num_actual_tokens: int
-    max_query_len: int
-    query_start_loc: torch.Tensor
-    seq_lens: torch.Tensor
-    slot_ids: torch.Tensor
-    slot_mapping: torch.Tensor
-    plan: StreamPlan | None
+    rows: StepRows
+    step_plan: Any
 
 
 class RLKVImplMixin:
@@ -106,41 +106,19 @@ class RLKVImplMixin:
         raise TypeError("no stock impl base class")
 
     def rlkv_bind(self, layer: Any) -> None:
-        """Learn this impl's layer (from its name) and build the head split."""
+        """Learn this impl's layer (from its name): its head split, pools and stock impl."""
         if self._rlkv_layer is not None or self.rlkv_runtime is None:
             return
         rt = self.rlkv_runtime
         idx = compat.extract_layer_index(layer.layer_name)
-        split = rt.plan.layers[idx]
-        g = self.num_heads // self.num_kv_heads
-        dev = rt.device
-
-        def q_of(kv: tuple[int, ...]) -> torch.Tensor:
-            return torch.tensor([h * g + i for h in kv for i in range(g)], dtype=torch.long, device=dev)
-
-        if rt.serve:
-            full, stream = split.full, split.stream
-            self._paged_slots = split.paged_slots
-        else:
-            full, stream = tuple(range(self.num_kv_heads)), ()
-            self._paged_slots = self.num_kv_heads
-        self._group = g
-        pad = (self._paged_slots - len(full)) if full else 0
-        # the model KV head stored in each paged / ring head (-1: TP padding head)
-        self._paged_src = torch.tensor(list(full) + [-1] * pad, dtype=torch.int32, device=dev)
-        self._ring_src = torch.tensor(stream if rt.serve else full, dtype=torch.int32, device=dev)
-        self._full_kv = torch.tensor(full, dtype=torch.long, device=dev)
-        self._full_q = q_of(full)
-        self._stream_kv = torch.tensor(stream, dtype=torch.long, device=dev)
-        self._stream_q = q_of(stream)
-        self._n_full, self._n_stream = len(full), len(stream)
-        self._all_full = self._n_full == self.num_kv_heads
-        self._pad = self._paged_slots - self._n_full if self._n_full else 0
-        self._inner = (
-            self._make_inner_impl(self._paged_slots * g, self._paged_slots) if self._n_full else None
-        )
+        group = self.num_heads // self.num_kv_heads
+        self._split: HeadSplit = head_split(rt.plan.layers[idx], self.num_kv_heads, group, rt.serve, rt.device)
+        self._pool: StreamingPool = rt.pool
+        slots = self._split.paged_slots
+        self._inner = self._make_inner_impl(slots * group, slots) if self._split.n_full else None
         ring = rt.ensure_ring()
         self._ring_k, self._ring_v = ring.k[idx], ring.v[idx]
+        self._pools: tuple[Any, LayerPools] | None = None
         self._rlkv_layer = idx
 
     def rlkv_adjust_kv_spec(self, layer: Any, spec: Any) -> Any:
@@ -150,33 +128,46 @@ class RLKVImplMixin:
         self.rlkv_bind(layer)
         if not self.rlkv_runtime.serve:
             return spec
-        return compat.reduce_kv_spec(spec, self._paged_slots)
+        return compat.reduce_kv_spec(spec, self._split.paged_slots)
 
-    # ------------------------------------------------------------- head views
-    def _full_heads(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        if self._all_full:
-            return x
-        y = x.index_select(1, idx)
-        if self._pad:
-            per = x.shape[1] // self.num_kv_heads
-            y = torch.cat([y, y.new_zeros(y.shape[0], self._pad * per, *y.shape[2:])], dim=1)
-        return y
+    def _layer_pools(self, kv_cache: torch.Tensor) -> LayerPools:
+        """This layer's pool views (built once: the cache tensor never moves)."""
+        if self._pools is not None and self._pools[0] is kv_cache:
+            return self._pools[1]
+        s = self.rlkv_runtime.settings
+        paged: dict[str, Any] = {}
+        if self._pool.writes_paged and self._split.n_full:
+            kc, vc = compat.paged_key_value(kv_cache, self.head_size)
+            paged = dict(key_cache=kc, value_cache=vc, paged_src=self._split.paged_src)
+        ring: dict[str, Any] = {}
+        if self._ring_k is not None:
+            ring = dict(ring_k=self._ring_k, ring_v=self._ring_v, ring_src=self._split.ring_src)
+        pools = LayerPools(sink=s.sink, recent=s.recent, **paged, **ring)
+        self._pools = (kv_cache, pools)
+        return pools
 
     # ---------------------------------------------------------------- forward
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):  # type: ignore[no-untyped-def]
         if self.rlkv_runtime is None:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        return self._paged_update_torch(layer, key, value, kv_cache, slot_mapping)
+        return self._write_paged(layer, key, value, kv_cache, slot_mapping)
 
-    def _paged_update_torch(self, layer, key, value, kv_cache, slot_mapping):  # type: ignore[no-untyped-def]
+    def _write_paged(self, layer, key, value, kv_cache, slot_mapping):  # type: ignore[no-untyped-def]
         """Store the full heads through the stock impl (on their gathered subset)."""
         self.rlkv_bind(layer)
         if self._inner is None:
             return None
+        split = self._split
         return self._inner.do_kv_cache_update(
-            layer, self._full_heads(key, self._full_kv), self._full_heads(value, self._full_kv),
+            layer, gather_heads(key, split.full_kv, split), gather_heads(value, split.full_kv, split),
             kv_cache, slot_mapping,
         )
+
+    def fused_output_quant_supported(self, quant_key: Any) -> bool:
+        # the output is assembled from two kernels' results: never let vLLM fuse a quantization
+        if self.rlkv_runtime is not None:
+            return False
+        return super().fused_output_quant_supported(quant_key)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):  # type: ignore[no-untyped-def]
         if self.rlkv_runtime is None:
@@ -186,56 +177,43 @@ class RLKVImplMixin:
         if attn_metadata is None:
             return output  # profiling warm-up
         for extra in ("output_scale", "output_block_scale"):
-            if kwargs.get(extra) is not None:
-                raise NotImplementedError(f"RLKV does not support fused output quantization ({extra})")
+            if kwargs.get(extra) is not None:  # fused_output_quant_supported says no: a bug if reached
+                raise RuntimeError(f"RLKV got a fused output quantization ({extra}) it declared unsupported")
         self.rlkv_bind(layer)
         md: RLKVMetadata = attn_metadata
         n = md.num_actual_tokens
-        q, k, v = query[:n], key[:n], value[:n]
-        out = output[:n]
-        if self._rlkv_writes_in_forward and self.rlkv_runtime.kernel == "torch":
-            self._paged_update_torch(layer, k, v, kv_cache, md.slot_mapping[:n])
+        q, k, v, out = query[:n], key[:n], value[:n], output[:n]
+        if self._rlkv_writes_in_forward and not self._pool.writes_paged:
+            # vLLM will not call do_kv_cache_update, and this pool does not store paged heads
+            self._write_paged(layer, k, v, kv_cache, md.rows.slot_mapping[:n])
+        pools = self._layer_pools(kv_cache)
         if self.rlkv_runtime.serve:
-            self._forward_serve(layer, q, k, v, kv_cache, md, out)
+            full_inputs = self._pool.serve(self._split, q, k, v, out, md.rows, pools, md.step_plan, self.scale)
+            if full_inputs is not None:
+                self._full_attention(layer, full_inputs, kv_cache, md, out)
         else:
-            self._forward_gated(layer, q, k, v, kv_cache, md, out)
+            self._gated(layer, q, k, v, kv_cache, md, pools, out)
         return output
 
-    def _forward_full(self, layer, q, k, v, kv_cache, md, out) -> None:  # type: ignore[no-untyped-def]
-        if self._all_full:
-            self._inner.forward(layer, q, k, v, kv_cache, md.full, out)
+    def _full_attention(self, layer, full: FullHeadInputs, kv_cache, md: RLKVMetadata, out) -> None:  # type: ignore[no-untyped-def]
+        """The stock impl on the paged heads; their output scattered into ``out``."""
+        split = self._split
+        if split.all_full:
+            self._inner.forward(layer, full.q, full.k, full.v, kv_cache, md.full, out)
             return
-        qf = self._full_heads(q, self._full_q)
-        of = torch.empty_like(qf)
-        self._inner.forward(
-            layer, qf, self._full_heads(k, self._full_kv), self._full_heads(v, self._full_kv),
-            kv_cache, md.full, of,
-        )
-        out[:, self._full_q] = of[:, : self._n_full * self._group]
+        of = torch.empty_like(full.q)
+        self._inner.forward(layer, full.q, full.k, full.v, kv_cache, md.full, of)
+        out[:, split.full_q] = of[:, : split.n_full * split.group]
 
-    def _forward_serve(self, layer, q, k, v, kv_cache, md, out) -> None:  # type: ignore[no-untyped-def]
-        if self._n_full:
-            self._forward_full(layer, q, k, v, kv_cache, md, out)
-        if not self._n_stream:
-            return
-        t, g, d = q.shape[0], self._group, q.shape[-1]
-        qs = q.index_select(1, self._stream_q).view(t, self._n_stream, g, d)
-        ks = k.index_select(1, self._stream_kv)
-        vs = v.index_select(1, self._stream_kv)
-        os_ = torch.empty(t, self._n_stream, g, d, dtype=out.dtype, device=out.device)
-        ring_stream_attention(qs, ks, vs, self._ring_k, self._ring_v, md.plan, self.scale, os_)
-        ring_write(self._ring_k, self._ring_v, ks, vs, md.plan)
-        out[:, self._stream_q] = os_.view(t, self._n_stream * g, d)
-
-    def _forward_gated(self, layer, q, k, v, kv_cache, md, out) -> None:  # type: ignore[no-untyped-def]
-        t, h, g, d = q.shape[0], self.num_kv_heads, self._group, q.shape[-1]
+    def _gated(self, layer, q, k, v, kv_cache, md: RLKVMetadata, pools: LayerPools, out) -> None:  # type: ignore[no-untyped-def]
+        """alpha * full + (1 - alpha) * streaming, per KV head, mixed in float32."""
+        split = self._split
+        t, h, g, d = q.shape[0], split.num_kv_heads, split.group, q.shape[-1]
+        stream = self._pool.gated_stream(split, q, k, v, md.rows, pools, md.step_plan, self.scale)
         full = torch.empty_like(out)
         self._inner.forward(layer, q, k, v, kv_cache, md.full, full)
-        stream = torch.empty(t, h, g, d, dtype=torch.float32, device=out.device)
-        ring_stream_attention(q.view(t, h, g, d), k, v, self._ring_k, self._ring_v, md.plan, self.scale, stream)
-        ring_write(self._ring_k, self._ring_v, k, v, md.plan)
         alpha = self.rlkv_runtime.gates[self._rlkv_layer].view(1, h, 1, 1)
-        mixed = alpha * full.view(t, h, g, d).float() + (1.0 - alpha) * stream
+        mixed = alpha * full.view(t, h, g, d).float() + (1.0 - alpha) * stream.view(t, h, g, d)
         out.copy_(mixed.view(t, h * g, d).to(out.dtype))
 
 
@@ -277,19 +255,14 @@ class RLKVBuilderMixin:
         cm = common_attn_metadata
         n_reqs = cm.num_reqs
 
-        def step_state() -> tuple[torch.Tensor, StreamPlan | None]:
-            slot_ids = rt.slot_ids_on_device(n_reqs)
-            plan = None
-            if rt.kernel == "torch":
-                plan = build_stream_plan(
-                    cm.query_start_loc[: n_reqs + 1], cm.seq_lens[:n_reqs], slot_ids, cm.num_actual_tokens,
-                    rt.settings.sink, rt.settings.recent, rt.plan.max_num_seqs,
-                )
-            return slot_ids, plan
+        def step_state() -> tuple[StepRows, Any]:
+            rows = StepRows(
+                query_start_loc=cm.query_start_loc[: n_reqs + 1], seq_lens=cm.seq_lens[:n_reqs],
+                slot_ids=rt.slot_ids_on_device(n_reqs), slot_mapping=cm.slot_mapping,
+                max_query_len=int(cm.max_query_len),
+            )
+            s = rt.settings
+            return rows, rt.pool.plan(rows, cm.num_actual_tokens, rt.plan.max_num_seqs, s.sink, s.recent)
 
-        slot_ids, plan = rt.cached_step_value(cm, step_state)
-        return RLKVMetadata(
-            full=full_md, num_actual_tokens=cm.num_actual_tokens, max_query_len=int(cm.max_query_len),
-            query_start_loc=cm.query_start_loc[: n_reqs + 1], seq_lens=cm.seq_lens[:n_reqs],
-            slot_ids=slot_ids, slot_mapping=cm.slot_mapping, plan=plan,
-        )
+        rows, step_plan = rt.cached_step_value(cm, step_state)
+        return RLKVMetadata(full=full_md, num_actual_tokens=cm.num_actual_tokens, rows=rows, step_plan=step_plan)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from . import cuda_build
+from .views import LayerPools, StepRows
 
 THREADS = 128
 _DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -161,53 +162,45 @@ def decode_step(
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
-    key_cache: torch.Tensor | None,
-    value_cache: torch.Tensor | None,
-    slot_mapping: torch.Tensor | None,
-    paged_src: torch.Tensor | None,
     q_full: torch.Tensor | None,
-    ring_k: torch.Tensor | None,
-    ring_v: torch.Tensor | None,
-    ring_src: torch.Tensor | None,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    slot_ids: torch.Tensor,
-    sink: int,
-    recent: int,
+    rows: StepRows,
+    pools: LayerPools,
     scale: float,
 ) -> None:
     """``triton_stream.decode_step`` in CUDA (same arguments, shapes and contract)."""
     num_tokens, num_q_heads, head_dim = q.shape
-    num_paged = 0 if paged_src is None else paged_src.shape[0]
-    num_ring = 0 if ring_src is None else ring_src.shape[0]
+    num_paged, num_ring = pools.num_paged, pools.num_ring
     if num_tokens == 0 or num_paged + num_ring == 0:
         return
     mod = load(q.device)
     tag = _DTYPES.get(q.dtype)
     group = num_q_heads // k.shape[1]
-    window = sink + recent
-    reason = shape_unsupported_reason(q.dtype, head_dim, group, window, mod.max_smem)
+    sink, recent = pools.sink, pools.recent
+    reason = shape_unsupported_reason(q.dtype, head_dim, group, pools.window, mod.max_smem)
     if reason is not None:
         raise ValueError(f"CUDA decode step: {reason}")
+    kc = pools.key_cache if num_paged else None
+    vc = pools.value_cache if num_paged else None
+    rk = pools.ring_k if num_ring else None
+    rv = pools.ring_v if num_ring else None
+    slot_mapping = rows.slot_mapping if num_paged else None
     vec = 16 // q.element_size()
-    for name, x in (("q", q), ("k", k), ("v", v), ("out", out), ("key_cache", key_cache),
-                    ("value_cache", value_cache), ("q_full", q_full), ("ring_k", ring_k), ("ring_v", ring_v)):
+    for name, x in (("q", q), ("k", k), ("v", v), ("out", out), ("key_cache", kc), ("value_cache", vc),
+                    ("q_full", q_full), ("ring_k", rk), ("ring_v", rv)):
         if x is not None:
             if x.dtype != q.dtype:
                 raise ValueError(f"{name} is {x.dtype}, q is {q.dtype}: the CUDA decode step takes one dtype")
             _check_aligned(name, x, 1 if name == "out" else vec)
     if num_paged:
-        assert key_cache is not None and value_cache is not None and slot_mapping is not None
-        assert slot_mapping.dtype == torch.int64 and paged_src.dtype == torch.int32
+        assert kc is not None and vc is not None and slot_mapping is not None and pools.paged_src is not None
+        assert slot_mapping.dtype == torch.int64 and pools.paged_src.dtype == torch.int32
     if num_ring:
-        assert ring_k is not None and ring_v is not None and ring_src is not None
-        assert ring_k.stride() == ring_v.stride() and ring_src.dtype == torch.int32
-    for name, x in (("query_start_loc", query_start_loc), ("seq_lens", seq_lens), ("slot_ids", slot_ids)):
+        assert rk is not None and rv is not None and pools.ring_src is not None
+        assert rk.stride() == rv.stride() and pools.ring_src.dtype == torch.int32
+    for name, x in (("query_start_loc", rows.query_start_loc), ("seq_lens", rows.seq_lens),
+                    ("slot_ids", rows.slot_ids)):
         if x.dtype != torch.int32:
             raise ValueError(f"{name} must be int32, got {x.dtype}")
-    kc = key_cache if num_paged else None
-    vc = value_cache if num_paged else None
-    rk = ring_k if num_ring else None
 
     def strides(x: torch.Tensor | None, n: int) -> list[int]:
         return list(x.stride()[:n]) if x is not None else [0] * n
@@ -215,15 +208,15 @@ def decode_step(
     _PARAMS.pack_into(
         mod.params, 0,
         _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(kc), _ptr(vc),
-        _ptr(slot_mapping if num_paged else None), _ptr(paged_src if num_paged else None), _ptr(q_full),
-        _ptr(rk), _ptr(ring_v if num_ring else None), _ptr(ring_src if num_ring else None),
-        _ptr(query_start_loc), _ptr(seq_lens), _ptr(slot_ids),
+        _ptr(slot_mapping), _ptr(pools.paged_src if num_paged else None), _ptr(q_full),
+        _ptr(rk), _ptr(rv), _ptr(pools.ring_src if num_ring else None),
+        _ptr(rows.query_start_loc), _ptr(rows.seq_lens), _ptr(rows.slot_ids),
         *strides(q, 2), *strides(k, 2), *strides(v, 2), *strides(out, 2),
         *strides(kc, 3), *strides(vc, 3), *strides(q_full, 2), *strides(rk, 2),
-        kc.shape[1] if kc is not None else 1, num_paged, num_ring, seq_lens.shape[0], group, sink, recent,
+        kc.shape[1] if kc is not None else 1, num_paged, num_ring, rows.num_rows, group, sink, recent,
         head_dim, float(scale),
     )
-    smem = smem_bytes(q.dtype, head_dim, group, window) if num_ring else 0
+    smem = smem_bytes(q.dtype, head_dim, group, pools.window) if num_ring else 0
     stream = torch.cuda.current_stream(q.device).cuda_stream
     drv: Any = mod.drv
     drv.check(drv.lib.cuLaunchKernel(mod.funcs[tag], num_tokens, num_paged + num_ring, 1, THREADS, 1, 1,

@@ -31,6 +31,8 @@ import os
 
 import torch
 
+from .views import LayerPools, StepRows
+
 try:  # the package must import without Triton (e.g. a CPU-only install of another build)
     import triton
     import triton.language as tl
@@ -318,71 +320,58 @@ def ring_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
-    ring_k: torch.Tensor,
-    ring_v: torch.Tensor,
-    ring_src: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    slot_ids: torch.Tensor,
-    sink: int,
-    recent: int,
+    rows: StepRows,
+    pools: LayerPools,
     scale: float,
     alpha: torch.Tensor | None = None,
 ) -> None:
-    """Lambda-window attention of the streaming heads, written into ``out`` in place.
+    """Lambda-window attention of the ring heads, written into ``out`` in place.
 
-    q, out: [T, Hq, D] (any token/head strides, contiguous D); k, v: [T, Hkv, D];
-    ring_k, ring_v: [(S + 1) * C, R, D]; ring_src: [R] int, the model KV head of each
-    ring head (its query heads are kv_head * G .. kv_head * G + G - 1, G = Hq // Hkv).
-    query_start_loc: [B + 1]; seq_lens: [B] (context length after this step);
-    slot_ids: [>= B] ring slot of each batch row. alpha: [Hkv] float32 for gated mode,
-    where ``out`` already holds the full-attention result and is mixed in place.
-    Heads of ``out`` not named by ``ring_src`` are left untouched.
+    q, out: [T, Hq, D] (any token/head strides, contiguous D); k, v: [T, Hkv, D]; the ring
+    views and ``ring_src`` come from ``pools`` (a ring head's query heads are
+    kv_head * G .. kv_head * G + G - 1, G = Hq // Hkv); ``rows`` as in ``views.StepRows``.
+    alpha: [Hkv] float32 for gated mode, where ``out`` already holds the full-attention
+    result and is mixed in place. Heads of ``out`` not named by ``ring_src`` are left untouched.
     """
     num_tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    group = num_q_heads // num_kv_heads
-    num_ring = ring_src.shape[0]
-    if num_tokens == 0 or num_ring == 0:
+    group = num_q_heads // k.shape[1]
+    if num_tokens == 0 or pools.num_ring == 0:
         return
-    _check_ring(ring_k, ring_v)
+    rk, rv, rs, num_ring = _ring_args(k, pools)
     for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} needs a contiguous head_dim")
     gated = alpha is not None
     _ring_attention_kernel[(num_tokens, num_ring)](
-        q, k, v, out, ring_k, ring_v, ring_src, alpha if gated else ring_src,
-        query_start_loc, seq_lens, slot_ids, seq_lens.shape[0], scale,
+        q, k, v, out, rk, rv, rs, alpha if gated else rs,
+        rows.query_start_loc, rows.seq_lens, rows.slot_ids, rows.num_rows, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), ring_k.stride(0), ring_k.stride(1),
-        SINK=sink, RECENT=recent, GROUP=group, GROUP_PAD=max(16, _next_pow2(group)),
+        out.stride(0), out.stride(1), rk.stride(0), rk.stride(1),
+        SINK=pools.sink, RECENT=pools.recent, GROUP=group, GROUP_PAD=max(16, _next_pow2(group)),
         HEAD_DIM=head_dim, DIM_PAD=max(16, _next_pow2(head_dim)), BLOCK_C=32, GATED=gated,
         DOT_F32=_interpreting(), num_warps=4,
     )
 
 
-def _paged_args(
-    k: torch.Tensor, key_cache: torch.Tensor | None, value_cache: torch.Tensor | None,
-    slot_mapping: torch.Tensor | None, paged_src: torch.Tensor | None,
-) -> tuple:
+def _paged_args(k: torch.Tensor, rows: StepRows, pools: LayerPools) -> tuple:
     """(key_cache, value_cache, slot_mapping, paged_src, block_size, num_paged) for a kernel;
     placeholders (never dereferenced) where the layer pages no head."""
-    num_paged = 0 if paged_src is None else paged_src.shape[0]
+    num_paged = pools.num_paged
     if not num_paged:
         return k, k, k, k, 1, 0
-    assert key_cache is not None and value_cache is not None and slot_mapping is not None
-    return key_cache, value_cache, slot_mapping, paged_src, key_cache.shape[1], num_paged
+    assert pools.key_cache is not None and pools.value_cache is not None and rows.slot_mapping is not None
+    return (pools.key_cache, pools.value_cache, rows.slot_mapping, pools.paged_src, pools.key_cache.shape[1],
+            num_paged)
 
 
-def _ring_args(k: torch.Tensor, ring_k: torch.Tensor | None, ring_v: torch.Tensor | None,
-               ring_src: torch.Tensor | None) -> tuple:
+def _ring_args(k: torch.Tensor, pools: LayerPools) -> tuple:
     """(ring_k, ring_v, ring_src, num_ring), placeholders where the layer has no ring head."""
-    num_ring = 0 if ring_src is None else ring_src.shape[0]
+    num_ring = pools.num_ring
     if not num_ring:
         return k, k, k, 0
-    assert ring_k is not None and ring_v is not None
-    _check_ring(ring_k, ring_v)
-    return ring_k, ring_v, ring_src, num_ring
+    assert pools.ring_k is not None and pools.ring_v is not None
+    _check_ring(pools.ring_k, pools.ring_v)
+    return pools.ring_k, pools.ring_v, pools.ring_src, num_ring
 
 
 def _gather_args(k: torch.Tensor, q: torch.Tensor | None, q_full: torch.Tensor | None) -> tuple:
@@ -396,34 +385,21 @@ def _gather_args(k: torch.Tensor, q: torch.Tensor | None, q_full: torch.Tensor |
 def fused_kv_write(
     k: torch.Tensor,
     v: torch.Tensor,
-    key_cache: torch.Tensor | None,
-    value_cache: torch.Tensor | None,
-    slot_mapping: torch.Tensor | None,
-    paged_src: torch.Tensor | None,
-    ring_k: torch.Tensor | None,
-    ring_v: torch.Tensor | None,
-    ring_src: torch.Tensor | None,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    slot_ids: torch.Tensor,
-    sink: int,
-    recent: int,
+    rows: StepRows,
+    pools: LayerPools,
     q: torch.Tensor | None = None,
     q_full: torch.Tensor | None = None,
 ) -> None:
-    """Store one step's keys/values: full heads paged, streaming heads into the ring.
+    """Store one step's keys/values: paged heads at ``rows.slot_mapping``, ring heads in the ring.
 
-    k, v: [T, Hkv, D]; key_cache, value_cache: [num_blocks, block_size, P, D] views
-    (any strides, contiguous D); slot_mapping: [>= T] int, -1 = skip;
-    paged_src: [P] int, the model KV head stored in paged head j (-1: padding, zeros);
-    ring_k, ring_v: [(S + 1) * C, R, D]; ring_src: [R] int.
-    q: [T, Hq, D] and q_full: [T, P * G, D]: if given, the query heads of each paged head
-    are gathered into q_full too (the full heads' input of the stock kernel), G = Hq // Hkv.
-    Either pool may be absent (None), e.g. a layer with no full head.
+    k, v: [T, Hkv, D]; ``pools`` gives the paged views (padding heads, ``paged_src`` -1,
+    store zeros; slot -1 is skipped) and the ring. q: [T, Hq, D] and q_full: [T, P * G, D]:
+    if given, the query heads of each paged head are gathered into q_full too (the full
+    heads' input of the stock kernel), G = Hq // Hkv. Either pool may be absent.
     """
     num_tokens, _, head_dim = k.shape
-    kc, vc, sm, ps, bs, num_paged = _paged_args(k, key_cache, value_cache, slot_mapping, paged_src)
-    rk, rv, rs, num_ring = _ring_args(k, ring_k, ring_v, ring_src)
+    kc, vc, sm, ps, bs, num_paged = _paged_args(k, rows, pools)
+    rk, rv, rs, num_ring = _ring_args(k, pools)
     qq, qf, group, gather = _gather_args(k, q, q_full)
     if num_tokens == 0 or num_paged + num_ring == 0:
         return
@@ -433,8 +409,8 @@ def fused_kv_write(
         sm, bs, ps, num_paged,
         qq, qq.stride(0), qq.stride(1), qf, qf.stride(0), qf.stride(1),
         rk, rv, rk.stride(0), rk.stride(1), rs,
-        query_start_loc, seq_lens, slot_ids, seq_lens.shape[0],
-        SINK=sink, RECENT=recent, GROUP=group, GROUP_PAD=max(2, _next_pow2(group)),
+        rows.query_start_loc, rows.seq_lens, rows.slot_ids, rows.num_rows,
+        SINK=pools.sink, RECENT=pools.recent, GROUP=group, GROUP_PAD=max(2, _next_pow2(group)),
         HEAD_DIM=head_dim, DIM_PAD=max(16, _next_pow2(head_dim)), GATHER_Q=gather,
         num_warps=1,
     )
@@ -445,19 +421,9 @@ def decode_step(
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
-    key_cache: torch.Tensor | None,
-    value_cache: torch.Tensor | None,
-    slot_mapping: torch.Tensor | None,
-    paged_src: torch.Tensor | None,
     q_full: torch.Tensor | None,
-    ring_k: torch.Tensor | None,
-    ring_v: torch.Tensor | None,
-    ring_src: torch.Tensor | None,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    slot_ids: torch.Tensor,
-    sink: int,
-    recent: int,
+    rows: StepRows,
+    pools: LayerPools,
     scale: float,
 ) -> None:
     """One launch for a batch with at most one query token per row (decode; max_query_len 1).
@@ -471,8 +437,8 @@ def decode_step(
     such batches).
     """
     num_tokens, num_q_heads, head_dim = q.shape
-    kc, vc, sm, ps, bs, num_paged = _paged_args(k, key_cache, value_cache, slot_mapping, paged_src)
-    rk, rv, rs, num_ring = _ring_args(k, ring_k, ring_v, ring_src)
+    kc, vc, sm, ps, bs, num_paged = _paged_args(k, rows, pools)
+    rk, rv, rs, num_ring = _ring_args(k, pools)
     _, qf, _, gather = _gather_args(k, q, q_full)
     group = num_q_heads // k.shape[1]
     if num_tokens == 0 or num_paged + num_ring == 0:
@@ -486,8 +452,8 @@ def decode_step(
         kc, vc, kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
         sm, bs, ps, num_paged, qf, qf.stride(0), qf.stride(1),
         rk, rv, rk.stride(0), rk.stride(1), rs,
-        query_start_loc, seq_lens, slot_ids, seq_lens.shape[0], scale,
-        SINK=sink, RECENT=recent, GROUP=group, GROUP_PAD=max(16, _next_pow2(group)),
+        rows.query_start_loc, rows.seq_lens, rows.slot_ids, rows.num_rows, scale,
+        SINK=pools.sink, RECENT=pools.recent, GROUP=group, GROUP_PAD=max(16, _next_pow2(group)),
         HEAD_DIM=head_dim, DIM_PAD=max(16, _next_pow2(head_dim)), BLOCK_C=32, GATHER_Q=gather,
         DOT_F32=_interpreting(), num_warps=4,
     )

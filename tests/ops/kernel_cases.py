@@ -7,10 +7,10 @@ from typing import Any, Callable
 
 import torch
 
+from rlkv_vllm.ops.views import LayerPools, StepRows
 from tests.stream_harness import Step
 
-# decode_step(q, k, v, out, key_cache, value_cache, slot_mapping, paged_src, q_full,
-#             ring_k, ring_v, ring_src, query_start_loc, seq_lens, slot_ids, sink, recent, scale)
+# decode_step(q, k, v, out, q_full, rows: StepRows, pools: LayerPools, scale)
 DecodeFn = Callable[..., None]
 
 
@@ -30,21 +30,15 @@ def embed_stream_heads(kernels: Any, extra_full: int, rng: random.Random, sink: 
         idx = torch.tensor(stream_pos, device=q.device)
         big_q[:, idx], big_k[:, idx], big_v[:, idx] = q, k, v
         big_out = torch.full_like(big_q, float("nan"))
-        ring_src = idx.to(torch.int32)
-        common = (step.query_start_loc, step.seq_lens, step.slot_ids)
+        rows = StepRows(step.query_start_loc, step.seq_lens, step.slot_ids, max_query_len=step.max_query_len)
+        pools = LayerPools(sink=sink, recent=recent, ring_k=ring_k, ring_v=ring_v, ring_src=idx.to(torch.int32))
         if decode_fn is not None and step.max_query_len == 1:
-            decode_fn(
-                big_q.view(t, total * g, d), big_k, big_v, big_out.view(t, total * g, d),
-                None, None, None, None, None, ring_k, ring_v, ring_src, *common,
-                sink=sink, recent=recent, scale=scale,
-            )
+            decode_fn(big_q.view(t, total * g, d), big_k, big_v, big_out.view(t, total * g, d), None, rows, pools,
+                      scale)
         else:
-            kernels.ring_attention(
-                big_q.view(t, total * g, d), big_k, big_v, big_out.view(t, total * g, d),
-                ring_k, ring_v, ring_src, *common, sink=sink, recent=recent, scale=scale,
-            )
-            kernels.fused_kv_write(big_k, big_v, None, None, None, None, ring_k, ring_v, ring_src,
-                                   *common, sink=sink, recent=recent)
+            kernels.ring_attention(big_q.view(t, total * g, d), big_k, big_v, big_out.view(t, total * g, d), rows,
+                                   pools, scale)
+            kernels.fused_kv_write(big_k, big_v, rows, pools)
         full_pos = [i for i in range(total) if i not in stream_pos]
         assert torch.isnan(big_out[:, full_pos]).all(), "kernel wrote a head it does not own"
         out.copy_(big_out[:, idx])
@@ -103,17 +97,13 @@ def check_writes_and_gather(kernels: Any, decode_fn: DecodeFn | None, block_size
     ring_k_d, ring_v_d = dev(ring_k), dev(ring_v)
     q_full = torch.full((t, num_paged * group, d), float("nan"), device=device)
     out = torch.full((t, h * group, d), float("nan"), device=device)
-    rows = (dev(qsl), dev(seq_lens), dev(slot_ids))
+    rows = StepRows(dev(qsl), dev(seq_lens), dev(slot_ids), slot_mapping=dev(slot_mapping))
+    pools = LayerPools(sink=sink, recent=recent, key_cache=key_cache, value_cache=value_cache,
+                       paged_src=dev(paged_src), ring_k=ring_k_d, ring_v=ring_v_d, ring_src=dev(ring_src))
     if decode_fn is None:
-        kernels.fused_kv_write(
-            dev(k), dev(v), key_cache, value_cache, dev(slot_mapping), dev(paged_src),
-            ring_k_d, ring_v_d, dev(ring_src), *rows, sink, recent, q=dev(q), q_full=q_full,
-        )
+        kernels.fused_kv_write(dev(k), dev(v), rows, pools, q=dev(q), q_full=q_full)
     else:
-        decode_fn(
-            dev(q), dev(k), dev(v), out, key_cache, value_cache, dev(slot_mapping), dev(paged_src), q_full,
-            ring_k_d, ring_v_d, dev(ring_src), *rows, sink, recent, d**-0.5,
-        )
+        decode_fn(dev(q), dev(k), dev(v), out, q_full, rows, pools, d**-0.5)
         o = out.cpu().view(t, h, group, d)
         assert torch.isfinite(o[:real, stream_heads]).all(), f"seed {seed}: streaming output not written"
         assert (o[real:, stream_heads] == 0).all(), f"seed {seed}: padding tokens must get zeros"

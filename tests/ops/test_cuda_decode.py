@@ -73,7 +73,10 @@ def test_cuda_decode_refuses_misaligned_rows(kernels):
     q = torch.randn(t, h * g * d + 1, device="cuda", dtype=torch.float16)[:, 1:].view(t, h * g, d)
     k = torch.randn(t, h, d, device="cuda", dtype=torch.float16)
     ring = torch.zeros(3 * 80, 1, d, device="cuda", dtype=torch.float16)
-    rows = [torch.tensor(x, dtype=torch.int32, device="cuda") for x in ([0, 1, 2], [5, 9], [0, 1])]
+    from rlkv_vllm.ops.views import LayerPools, StepRows
+
+    rows = StepRows(*(torch.tensor(x, dtype=torch.int32, device="cuda") for x in ([0, 1, 2], [5, 9], [0, 1])))
+    pools = LayerPools(sink=16, recent=64, ring_k=ring, ring_v=ring.clone(),
+                       ring_src=torch.tensor([1], dtype=torch.int32, device="cuda"))
     with pytest.raises(ValueError, match="16-byte aligned"):
-        cuda_step(q, k, k, torch.empty_like(q), None, None, None, None, None, ring, ring.clone(),
-                  torch.tensor([1], dtype=torch.int32, device="cuda"), *rows, 16, 64, 0.125)
+        cuda_step(q, k, k, torch.empty_like(q), None, rows, pools, 0.125)

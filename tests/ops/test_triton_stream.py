@@ -91,6 +91,7 @@ def test_ring_kernels_match_oracle_half(kernels, path, dtype, tol):
 def test_gated_mix(kernels, gqa):
     """alpha mixes the full result already in ``out`` with the streaming result."""
     from rlkv_vllm.core.reference import oracle_attention
+    from rlkv_vllm.ops.views import LayerPools, StepRows
 
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
@@ -107,11 +108,11 @@ def test_gated_mix(kernels, gqa):
     ring_v = torch.full_like(ring, float("nan"))
     out = full.clone().to(DEVICE)
     dev = lambda x: x.to(DEVICE)  # noqa: E731
-    kernels.ring_attention(
-        dev(q), dev(k), dev(v), out, ring, ring_v, dev(torch.arange(h, dtype=torch.int32)),
-        dev(torch.tensor([0, n], dtype=torch.int32)), dev(torch.tensor([n], dtype=torch.int32)),
-        dev(torch.tensor([0], dtype=torch.int32)), sink, recent, scale, alpha=dev(alpha),
-    )
+    rows = StepRows(dev(torch.tensor([0, n], dtype=torch.int32)), dev(torch.tensor([n], dtype=torch.int32)),
+                    dev(torch.tensor([0], dtype=torch.int32)))
+    pools = LayerPools(sink=sink, recent=recent, ring_k=ring, ring_v=ring_v,
+                       ring_src=dev(torch.arange(h, dtype=torch.int32)))
+    kernels.ring_attention(dev(q), dev(k), dev(v), out, rows, pools, scale, alpha=dev(alpha))
     ref = oracle_attention(q, k, v, scale=scale, alpha=alpha, sink=sink, recent=recent).float()
     err = (out.cpu().double() - ref.double()).norm() / ref.double().norm()
     assert err < 1e-5, f"seed {seed}: rel err {err}"
