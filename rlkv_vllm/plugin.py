@@ -73,6 +73,16 @@ def check_engine_config(vllm_config: Any) -> None:
         if problem is not None:
             raise RLKVConfigError(f"rlkv.decode_kernel = 'cuda' is not allowed here: {problem}; "
                                   "allowed: auto, triton")
+    if plan.settings.full_kernel == "flash_attn":
+        if compat.is_cpu_platform():
+            problem = "it needs a CUDA device"
+        else:
+            from .backends.cuda import flash_attn_unavailable_reason
+
+            problem = flash_attn_unavailable_reason(vllm_config)
+        if problem is not None:
+            raise RLKVConfigError(f"rlkv.full_kernel = 'flash_attn' is not allowed here: {problem}; "
+                                  "allowed: auto, triton")
 
     vllm_config.additional_config = {**extra, "rlkv": plan.settings.to_dict()}
     cache = vllm_config.cache_config

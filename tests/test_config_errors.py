@@ -141,6 +141,12 @@ def test_cuda_decode_kernel_on_cpu(tiny_model, good_pattern):
     assert "rlkv.decode_kernel = 'cuda' is not allowed here" in msg and "auto, triton" in msg
 
 
+def test_flash_attn_full_kernel_where_it_cannot_run(tiny_model, good_pattern):
+    """fp32 (the tiny model's dtype) rules FlashAttention out on CUDA; CPU has none."""
+    msg = refused(tiny_model, {"heads": good_pattern, "full_kernel": "flash_attn"})
+    assert "rlkv.full_kernel = 'flash_attn' is not allowed here" in msg and "auto, triton" in msg
+
+
 def compat_is_cpu() -> bool:
     from rlkv_vllm import compat
 

@@ -162,7 +162,8 @@ def select_backend(vllm_config: Any) -> type:
     if reason is None:
         return RLKVFlashBackend
     if choice == "flash_attn":
-        raise RuntimeError(f"rlkv.full_kernel = 'flash_attn' cannot run: {reason}")
+        raise RLKVConfigError(f"rlkv.full_kernel = 'flash_attn' is not allowed here: {reason}; "
+                              "allowed: auto, triton")
     return RLKVTritonBackend
 
 
