@@ -24,6 +24,12 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
+
+from rlkv_vllm.bench.config import BenchSettings, EngineConfig  # noqa: E402
+from rlkv_vllm.bench.driver import device_name, engine_kwargs, rlkv_plan_figures  # noqa: E402
+from rlkv_vllm.bench.study import tiny_defaults  # noqa: E402
+
 SPARSITIES = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8]
 
 
@@ -32,45 +38,17 @@ def measure_one(a: argparse.Namespace, sparsity: float | None) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
-    kw = dict(model=a.model, dtype=a.dtype, max_num_seqs=a.max_num_seqs,
-              max_model_len=a.max_model_len, enforce_eager=True, enable_prefix_caching=False,
-              load_format=a.load_format, seed=0)
-    if a.gpu_mem:
-        kw["gpu_memory_utilization"] = a.gpu_mem
-    else:
-        kw["kv_cache_memory_bytes"] = a.kv_bytes
-    if a.block_size:
-        kw["block_size"] = a.block_size
-    if sparsity is not None:
-        kw["attention_backend"] = "rlkv"
-        kw["additional_config"] = {"rlkv": {"heads": a.pattern, "sparsity": sparsity}}
-    llm = LLM(**kw)
+    s = BenchSettings(model=a.model, pattern=a.pattern, dtype=a.dtype, load_format=a.load_format,
+                      kv_bytes=a.kv_bytes, gpu_mem=a.gpu_mem, max_num_seqs=a.max_num_seqs,
+                      max_model_len=a.max_model_len, block_size=a.block_size, enforce_eager=True)
+    cfg = EngineConfig("stock") if sparsity is None else EngineConfig("rlkv", sparsity=sparsity)
+    llm = LLM(**engine_kwargs(s, cfg))
     cc = llm.llm_engine.vllm_config.cache_config
     out = {"sparsity": sparsity, "num_blocks": int(cc.num_gpu_blocks), "block_size": int(cc.block_size),
            "capacity_tokens": int(cc.num_gpu_blocks) * int(cc.block_size)}
     if sparsity is not None:
-        from rlkv_vllm.runtime import current_runtime
-
-        plan = current_runtime().plan
-        out.update(
-            full_heads=int(plan.mask.sum()), total_heads=int(plan.mask.size),
-            sparsity_actual=plan.sparsity_actual, ring_bytes=plan.ring_nbytes,
-            paged_bytes_per_token=plan.paged_bytes_per_token(),
-            ideal_bytes_per_token=plan.ideal_bytes_per_token(),
-            stock_bytes_per_token=plan.stock_bytes_per_token(),
-            zero_full_layers=int((plan.mask.sum(axis=1) == 0).sum()),
-        )
+        out.update(rlkv_plan_figures())
     return out
-
-
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    import platform
-
-    return f"cpu-{platform.machine()}"
 
 
 def main() -> int:
@@ -90,13 +68,8 @@ def main() -> int:
     a = p.parse_args()
 
     if a.model is None or a.pattern is None:
-        from rlkv_vllm.tiny_model import TinyModelSpec, build_tiny_model, random_pattern
-
-        cache = os.path.join(os.path.dirname(HERE), ".cache", "bench-tiny")
-        a.model = a.model or build_tiny_model(cache, TinyModelSpec())
-        if a.pattern is None:
-            a.pattern = os.path.join(cache, "rlkv_pattern.json")
-            random_pattern(TinyModelSpec()).save(a.pattern)
+        model, pattern = tiny_defaults(os.path.join(os.path.dirname(HERE), ".cache", "bench-tiny"))
+        a.model, a.pattern = a.model or model, a.pattern or pattern
 
     if a.one is not None:
         res = measure_one(a, None if a.one == "stock" else float(a.one))

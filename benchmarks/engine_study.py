@@ -37,7 +37,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
 
-from rlkv_vllm.bench import BenchError, OneLineParser, add_bench_args, run_from_args  # noqa: E402
+from rlkv_vllm.bench.config import BenchError, OneLineParser, add_bench_args  # noqa: E402
+from rlkv_vllm.bench.study import run_from_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

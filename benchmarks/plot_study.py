@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from rlkv_vllm.bench import workload_keys  # noqa: E402
+from rlkv_vllm.bench.config import workload_keys  # noqa: E402
 
 
 def _title(d: dict[str, Any], what: str) -> str:

@@ -64,7 +64,8 @@ shows up as more requests running at once.
 def _bench(argv: list[str]) -> int:
     import os
 
-    from .bench import BenchError, OneLineParser, add_bench_args, run_from_args
+    from .bench.config import BenchError, OneLineParser, add_bench_args
+    from .bench.study import run_from_args
 
     p = OneLineParser(prog="rlkv bench", description=BENCH_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     # small defaults: 64 ring slots and a 64 MiB budget make the tiny model memory-bound

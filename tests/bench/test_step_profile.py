@@ -1,4 +1,4 @@
-"""rlkv_vllm.step_profile: categories, the profiled window, and a profiled engine study on CPU."""
+"""rlkv_vllm.bench.step_profile: categories, the profiled window, and a profiled engine study on CPU."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from rlkv_vllm.step_profile import StepProfiler, categorize
+from rlkv_vllm.bench.step_profile import StepProfiler, categorize
 
 
 @pytest.mark.parametrize("name, cat", [
@@ -37,7 +37,7 @@ def test_cuda_summary_counts_kernels_once() -> None:
     reports it too: only the kernel may count."""
     from types import SimpleNamespace
 
-    from rlkv_vllm.step_profile import summarize
+    from rlkv_vllm.bench.step_profile import summarize
 
     events = [
         SimpleNamespace(key="aten::mm", device_type="DeviceType.CPU", self_device_time_total=100.0, count=2),
@@ -101,7 +101,9 @@ def test_profiled_engine_study_on_the_tiny_model(tmp_path) -> None:
     carrying the profiled window's table, printed under the study table."""
     import argparse
 
-    from rlkv_vllm.bench import add_bench_args, format_table, run_from_args
+    from rlkv_vllm.bench.config import add_bench_args
+    from rlkv_vllm.bench.report import format_table
+    from rlkv_vllm.bench.study import run_from_args
 
     p = argparse.ArgumentParser()
     add_bench_args(p, {})
@@ -146,7 +148,8 @@ def test_drive_clock_leaves_out_the_profilers_own_time(monkeypatch: pytest.Monke
     """A trace reduction that takes 0.5 s must not show in gen_s or TPOT; the window's steps do."""
     from types import SimpleNamespace
 
-    from rlkv_vllm import bench, step_profile
+    from rlkv_vllm.bench import step_profile
+    from rlkv_vllm.bench.driver import drive
 
     real = step_profile.summarize
 
@@ -158,7 +161,7 @@ def test_drive_clock_leaves_out_the_profilers_own_time(monkeypatch: pytest.Monke
     llm = SimpleNamespace(llm_engine=_FakeEngine(step_s=0.01))
     params = SimpleNamespace(max_tokens=20)
     prof = StepProfiler(start=5, steps=3)
-    res = bench.drive(llm, None, [[1, 2]] * 4, params, "t", None, prof)
+    res = drive(llm, None, [[1, 2]] * 4, params, "t", None, prof)
     assert prof.result is not None and prof.result.steps == 3
     assert res["profiler_overhead_s"] >= 0.5
     assert res["output_tokens"] == 80 and res["steps"] == 20

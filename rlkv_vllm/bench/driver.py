@@ -1,0 +1,344 @@
+"""The child: one engine config in its own process, driven step by step.
+
+  python -m rlkv_vllm.bench --child SETTINGS.json --config rlkv:0.5 --result OUT.json --deadline EPOCH
+
+The child drives ``LLMEngine`` with the engine core in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that it can time every request's tokens and
+read the scheduler's running count at every scheduled batch. It reports its progress as
+events on stdout (see progress.py) and writes its figures to --result.
+
+Throughput mode: ``num_prompts`` random prompts of ``input_len`` tokens, ``output_len``
+tokens each, all submitted at once. Latency mode: for every (batch, context) ``batch``
+requests of ``context`` tokens generate ``latency_output_len`` tokens; TPOT per cell, and the
+decode-only step time (steps in which every request decoded, no prefill chunk beside them).
+
+The only module of the package that imports vLLM and torch, and only inside functions, so
+the supervisor can import it (for the tests) without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import time
+from typing import Any, Callable
+
+from . import progress
+from .config import BenchSettings, EngineConfig, bench_error, parse_config
+from .step_profile import StepProfiler
+
+# a progress callback gets requests done, total, output tokens, elapsed seconds and running requests
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def engine_kwargs(s: BenchSettings, cfg: EngineConfig) -> dict[str, Any]:
+    """``LLM(**kwargs)`` for one config. Prefix caching is off for every config: RLKV's serve
+    mode refuses it, and stock must run the same scheduler to be comparable."""
+    eager = s.enforce_eager
+    if eager is None:
+        from ..compat import is_cpu_platform
+
+        eager = is_cpu_platform()
+    kw: dict[str, Any] = dict(model=s.model, dtype=s.dtype, load_format=s.load_format,
+                              max_num_seqs=s.max_num_seqs, max_model_len=s.max_model_len,
+                              enforce_eager=eager, enable_prefix_caching=False, seed=s.seed)
+    if s.gpu_mem:
+        kw["gpu_memory_utilization"] = s.gpu_mem
+    else:
+        kw["kv_cache_memory_bytes"] = s.kv_bytes
+    if s.block_size:
+        kw["block_size"] = s.block_size
+    if cfg.kind in ("rlkv", "gated"):
+        if not s.pattern:
+            raise bench_error("pattern", s.pattern, "rlkv configs need a head pattern file")
+        kw["attention_backend"] = "rlkv"
+        rlkv: dict[str, Any] = {"heads": s.pattern}
+        rlkv.update({"sparsity": cfg.sparsity} if cfg.kind == "rlkv" else {"mode": "gated"})
+        kw["additional_config"] = {"rlkv": rlkv}
+    elif cfg.backend and cfg.backend != "CPU_ATTN":
+        kw["attention_backend"] = cfg.backend
+    return kw
+
+
+class SchedulerProbe:
+    """Counts the scheduler's running requests at every batch that runs the model, and preemptions.
+
+    Wraps the in-process scheduler's ``schedule`` and ``_preempt_request`` on the instance
+    (the engine core calls both through ``self``), so no vLLM class is changed.
+    """
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        self.reset()
+        orig_schedule = scheduler.schedule
+
+        def schedule(*args: Any, **kwargs: Any) -> Any:
+            out = orig_schedule(*args, **kwargs)
+            if getattr(out, "total_num_scheduled_tokens", 0) > 0:
+                self.running.append(len(scheduler.running))
+                try:
+                    self.waiting.append(len(scheduler.waiting))
+                    self.kv_usage.append(float(scheduler.kv_cache_manager.usage))
+                except Exception:  # optional figures; names differ across versions
+                    pass
+            return out
+
+        scheduler.schedule = schedule
+        orig_preempt = getattr(scheduler, "_preempt_request", None)
+        if orig_preempt is not None:
+            def preempt(*args: Any, **kwargs: Any) -> Any:
+                self.preemptions += 1
+                return orig_preempt(*args, **kwargs)
+
+            scheduler._preempt_request = preempt
+
+    def reset(self) -> None:
+        self.running: list[int] = []
+        self.waiting: list[int] = []
+        self.kv_usage: list[float] = []
+        self.preemptions = 0
+
+    @staticmethod
+    def attach(llm: Any) -> "SchedulerProbe | None":
+        """The probe for an in-process engine core, or None if the scheduler is not reachable."""
+        core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
+        sched = getattr(core, "scheduler", None)
+        if sched is None or not hasattr(sched, "running"):
+            return None
+        return SchedulerProbe(sched)
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default) without needing numpy here."""
+    if not xs:
+        return None
+    ys = sorted(xs)
+    pos = (len(ys) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ys[lo] + (ys[hi] - ys[lo]) * (pos - lo)
+
+
+def mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def drive(llm: Any, probe: SchedulerProbe | None, prompts: list[list[int]], params: Any, tag: str,
+          deadline: float | None, profiler: StepProfiler | None = None,
+          on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Submit all prompts at once and step the engine until they finish (or the deadline passes).
+
+    Token times are taken when ``step()`` returns them; with DELTA outputs each step
+    brings one new token per running request. A profiler, if given, wraps its window of steps;
+    the clock excludes the profiler's own start and trace reduction (its ``overhead_s``), so a
+    profiled run's tok/s and TPOT compare with unprofiled runs (the window's steps stay in).
+    ``on_progress``, if given, gets the progress every ``progress.PROGRESS_EVERY_S`` seconds.
+    """
+    engine = llm.llm_engine
+    if probe:
+        probe.reset()
+    ids = [f"{tag}-{i}" for i in range(len(prompts))]
+    t0 = time.perf_counter()
+    for rid, toks in zip(ids, prompts):
+        # a TokensPrompt dict: accepted by add_request on vLLM 0.26 through 0.33
+        engine.add_request(rid, {"prompt_token_ids": toks}, params)
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    n_out: dict[str, int] = {}
+    steps = token_steps = tokens = 0
+    truncated = False
+    # TPOT of a request includes the steps that also ran other requests' prefill chunks; the
+    # decode-only step time leaves those out (the pure decode latency a kernel change moves)
+    live = set(ids)
+    decode_step_s: list[float] = []
+    prev = last_report = t0
+
+    def clock() -> float:
+        return time.perf_counter() - (profiler.overhead_s if profiler else 0.0)
+
+    while engine.has_unfinished_requests():
+        if profiler:
+            profiler.before_step()
+        outs = engine.step()
+        if profiler:
+            profiler.after_step()
+        now = clock()
+        steps += 1
+        decoding = live.issubset(first)  # every live request was past its prefill before this step
+        got: set[str] = set()
+        for o in outs:
+            n = len(o.outputs[0].token_ids) if o.outputs else 0
+            if n:
+                got.add(o.request_id)
+                first.setdefault(o.request_id, now)
+                last[o.request_id] = now
+                n_out[o.request_id] = n_out.get(o.request_id, 0) + n
+                tokens += n
+        token_steps += bool(got)
+        if live and decoding and got == live:
+            decode_step_s.append(now - prev)
+        prev = now
+        live -= {r for r in got if n_out[r] >= params.max_tokens}
+        live -= {o.request_id for o in outs if getattr(o, "finished", False)}
+        if on_progress and now - last_report >= progress.PROGRESS_EVERY_S:
+            last_report = now
+            on_progress(dict(done=len(ids) - len(live), total=len(ids), tokens=tokens, elapsed_s=round(now - t0, 1),
+                        running=probe.running[-1] if probe and probe.running else None))
+        if deadline is not None and time.time() > deadline:
+            engine.abort_request([r for r in ids if r not in last or n_out[r] < params.max_tokens])
+            truncated = True
+            break
+    if profiler:
+        profiler.close()  # the run ended inside the window
+    gen_s = clock() - t0
+    tpots = [(last[r] - first[r]) / (n_out[r] - 1) for r in first if n_out[r] >= 2]
+    ttfts = [first[r] - t0 for r in first]
+    total_out = sum(n_out.values())
+    res: dict[str, Any] = dict(
+        requests=len(prompts), finished=sum(1 for r in ids if n_out.get(r, 0) >= params.max_tokens),
+        truncated=truncated, gen_s=gen_s, output_tokens=total_out,
+        input_tokens=sum(len(p) for p in prompts),
+        steps=steps, token_steps=token_steps,
+        tpot_mean_s=mean(tpots), tpot_p50_s=percentile(tpots, 50), tpot_p90_s=percentile(tpots, 90),
+        ttft_mean_s=mean(ttfts), ttft_p90_s=percentile(ttfts, 90),
+        decode_steps=len(decode_step_s), decode_step_mean_s=mean(decode_step_s),
+        decode_step_p50_s=percentile(decode_step_s, 50),
+    )
+    if profiler:
+        res["profiler_overhead_s"] = profiler.overhead_s
+    res["output_tok_s"] = total_out / gen_s if gen_s > 0 else None
+    res["total_tok_s"] = (total_out + res["input_tokens"]) / gen_s if gen_s > 0 else None
+    if probe and probe.running:
+        res.update(mean_running=mean(probe.running), max_running=max(probe.running),
+                   mean_running_source="scheduler: len(running) at each batch that ran the model",
+                   mean_waiting=mean(probe.waiting), mean_kv_usage=mean(probe.kv_usage),
+                   model_batches=len(probe.running), preemptions=probe.preemptions)
+    else:
+        res.update(mean_running=total_out / token_steps if token_steps else None, max_running=None,
+                   mean_running_source="fallback: output tokens / steps that produced tokens "
+                                       "(scheduler not reachable)", preemptions=None)
+    return res
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    """Reproducible random token ids, avoiding the lowest ids (special tokens in most vocabularies)."""
+    rng = random.Random(seed)
+    lo = 4 if vocab > 8 else 0
+    return [[rng.randrange(lo, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu-{platform.machine()}"
+
+
+def rlkv_plan_figures() -> dict[str, Any]:
+    """The running RLKV engine's head split and bytes per token (its plan lives in this process);
+    ``ideal_bytes_per_token`` counts the full heads only (no placeholder for a layer without one)."""
+    from ..runtime import current_runtime
+
+    plan = current_runtime().plan
+    return dict(full_heads=int(plan.mask.sum()), total_heads=int(plan.mask.size),
+                sparsity_actual=float(plan.sparsity_actual), ring_bytes=int(plan.ring_nbytes),
+                paged_bytes_per_token=int(plan.paged_bytes_per_token()),
+                ideal_bytes_per_token=int(plan.ideal_bytes_per_token()),
+                stock_bytes_per_token=int(plan.stock_bytes_per_token()),
+                zero_full_layers=int((plan.mask.sum(axis=1) == 0).sum()))
+
+
+def run_child(s: BenchSettings, cfg: EngineConfig, deadline: float | None) -> tuple[dict[str, Any], Any]:
+    """Build one engine in this process, run the workload; return its figures and the engine."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in-process: steppable, probe-able
+    t = time.perf_counter()
+    import torch
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    res: dict[str, Any] = dict(**cfg.identity(), import_s=time.perf_counter() - t, vllm=vllm.__version__,
+                               torch=torch.__version__)
+    t = time.perf_counter()
+    kw = engine_kwargs(s, cfg)
+    llm = LLM(**kw)
+    res["engine_start_s"] = time.perf_counter() - t
+    res["enforce_eager"] = kw["enforce_eager"]
+    res["device"] = device_name()
+    vc = llm.llm_engine.vllm_config
+    cc, sc = vc.cache_config, vc.scheduler_config
+    res.update(num_blocks=int(cc.num_gpu_blocks), block_size=int(cc.block_size),
+               capacity_tokens=int(cc.num_gpu_blocks) * int(cc.block_size),
+               max_num_batched_tokens=getattr(sc, "max_num_batched_tokens", None),
+               async_scheduling=getattr(sc, "async_scheduling", None),
+               attention_backend=str(getattr(getattr(vc, "attention_config", None), "backend", None)))
+    progress.emit("engine_start", engine_start_s=round(res["engine_start_s"], 1),
+                  capacity_tokens=res["capacity_tokens"])
+    if cfg.kind in ("rlkv", "gated"):
+        res["rlkv"] = rlkv_plan_figures()
+    probe = SchedulerProbe.attach(llm)
+    vocab = int(llm.llm_engine.model_config.get_vocab_size())
+
+    def params(max_tokens: int, temperature: float) -> Any:
+        return SamplingParams(temperature=temperature, top_p=1.0, max_tokens=max_tokens, ignore_eos=True,
+                              detokenize=s.detokenize, output_kind=RequestOutputKind.DELTA)
+
+    def reporter(part: str) -> ProgressFn:
+        return lambda fields: progress.emit("progress", part=part, **fields)
+
+    # tiny untimed warm-up request, so first-call Python paths are hot
+    drive(llm, probe, [[5] * 16], params(8, s.temperature), "warmup", None)
+    if s.study == "engine":
+        prompts = random_prompts(s.num_prompts, s.input_len, vocab, s.seed)
+        profiler = StepProfiler(s.profile_start, s.profile_steps) if s.profile_steps else None
+        res["throughput"] = drive(llm, probe, prompts, params(s.output_len, s.temperature), "tp", deadline,
+                                  profiler, reporter("throughput"))
+        if profiler:
+            # the window's steps ran under the profiler (slower) and stay in tok/s; its own start and
+            # trace reduction do not (drive's clock)
+            res["profile"] = profiler.result.to_dict() if profiler.result else dict(
+                status="not reached", start=s.profile_start, steps=s.profile_steps)
+    else:
+        cells = []
+        for i, (b, c) in enumerate(s.latency_cells()):
+            if deadline is not None and time.time() > deadline:
+                cells.append(dict(batch=b, context=c, status="skipped", reason="deadline"))
+                continue
+            prompts = random_prompts(b, c, vocab, s.seed + 1 + i)
+            r = drive(llm, probe, prompts, params(s.latency_output_len, s.temperature), f"lat{i}", deadline,
+                      on_progress=reporter(f"batch {b} context {c}"))
+            r.update(batch=b, context=c, status="truncated" if r["truncated"] else "ok",
+                     fits=b * (c + s.latency_output_len) <= res["capacity_tokens"])
+            cells.append(r)
+            progress.emit("cell", batch=b, context=c, tpot_mean_s=r["tpot_mean_s"], gen_s=round(r["gen_s"], 1))
+        res["latency"] = cells
+    cut = res.get("throughput", {}).get("truncated") or any(c["status"] != "ok" for c in res.get("latency", []))
+    res["status"] = "truncated" if cut else "ok"
+    return res, llm
+
+
+def child_main(argv: list[str]) -> int:
+    """Subprocess entry: one config, result written as JSON to --result."""
+    p = argparse.ArgumentParser(prog="rlkv_vllm.bench")
+    p.add_argument("--child", required=True, help="settings JSON file")
+    p.add_argument("--config", required=True)
+    p.add_argument("--result", required=True)
+    p.add_argument("--deadline", type=float, default=0.0, help="epoch seconds; stop generating after it")
+    a = p.parse_args(argv)
+    with open(a.child) as f:
+        s = BenchSettings(**json.load(f))
+    res, llm = run_child(s, parse_config(a.config), a.deadline or None)
+    # write before shutting down: teardown takes seconds, and the parent may kill us at its deadline
+    tmp = a.result + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(tmp, a.result)
+    try:
+        llm.llm_engine.engine_core.shutdown()  # free the device memory before the process ends
+    except Exception:  # the process exits next anyway
+        pass
+    return 0
