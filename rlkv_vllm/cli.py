@@ -50,10 +50,14 @@ def _tiny(argv: list[str]) -> int:
 
 BENCH_DOC = """Stock vLLM vs RLKV on the same workload, in the same run; prints the ratios.
 
-Each config starts its own engine in its own process. Without --model it runs the tiny
-local model with a small memory-bound workload (under a minute on 2 CPU cores):
-the KV budget holds fewer requests than are submitted, so RLKV's larger capacity
-shows up as more requests running at once.
+Each config starts its own engine in its own process; a line says when each one starts,
+when its engine is up, every 10 s while it generates, and when it ends with its tok/s.
+
+Without --model it runs the tiny local model with a small memory-bound workload: stock's
+KV budget holds 16 of the 48 requests at once, so RLKV's larger capacity shows up as more
+requests running at once. About 1 min on 2 idle CPU cores (measured 2026-12-02: 1 min 01 s
+and 1 min 05 s); vLLM on CPU slows down several-fold when other jobs share the cores
+(2 min 56 s measured beside other test runs).
 
   rlkv bench
   rlkv bench --model MODEL --pattern heads.tsv --gpu-mem 0.9 --configs stock rlkv:0.5 rlkv:0.6 \\
@@ -68,10 +72,12 @@ def _bench(argv: list[str]) -> int:
     from .bench.study import run_from_args
 
     p = OneLineParser(prog="rlkv bench", description=BENCH_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # small defaults: 64 ring slots and a 64 MiB budget make the tiny model memory-bound
-    # (stock holds 16k tokens, the 64 requests want 49k), and the run stays under a minute
-    add_bench_args(p, dict(configs=["stock", "rlkv:0", "rlkv:0.5"], kv_bytes=64 << 20, max_num_seqs=64,
-                           num_prompts=64, input_len=256, output_len=512, deadline_s=600.0,
+    # small defaults, memory-bound on the tiny model (4096 bytes per token, blocks of 128 tokens on CPU):
+    # the budget is 49 blocks, vLLM's null block + 16 requests of 320 + 64 tokens, so stock runs the
+    # 48 requests in 3 waves of 16; RLKV at 0.5 (half the bytes per token, its 33-slot ring out of the
+    # same budget) holds 25 and runs 2 waves. Short outputs keep the run short on 2 CPU cores.
+    add_bench_args(p, dict(configs=["stock", "rlkv:0", "rlkv:0.5"], kv_bytes=49 * 128 * 4096, max_num_seqs=32,
+                           num_prompts=48, input_len=320, output_len=64, deadline_s=600.0,
                            config_timeout_s=300.0))
     a = p.parse_args(argv)
     try:
