@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +28,12 @@ class HeadPattern:
 
     gates: float32 [num_layers, num_kv_heads]; larger means more important.
     metadata: model_id, num_layers, num_kv_heads, sink, recent, source, training config...
+    path: the file it was loaded from (named in errors); None for a pattern made in memory.
     """
 
     gates: np.ndarray
     metadata: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
 
     def __post_init__(self) -> None:
         self.gates = np.asarray(self.gates, dtype=np.float32)
@@ -47,18 +50,29 @@ class HeadPattern:
     def num_kv_heads(self) -> int:
         return int(self.gates.shape[1])
 
+    @property
+    def name(self) -> str:
+        """How errors and warnings name this pattern."""
+        return self.path or "pattern"
+
     # ---------------------------------------------------------------- files
     @classmethod
     def load(cls, path: str) -> "HeadPattern":
-        """Read a pattern; raises RLKVConfigError naming the file on any problem."""
+        """Read and check a pattern on its own (no model): readable, non-empty, finite,
+        metadata agreeing with the gates. Raises RLKVConfigError naming the file."""
+        pattern = cls._read(path)
+        pattern.path = path
+        pattern.check_consistent()
+        return pattern
+
+    @classmethod
+    def _read(cls, path: str) -> "HeadPattern":
         if not os.path.isfile(path):
             raise config_error("heads", path, "no such file: give a readable pattern file")
         ext = os.path.splitext(path)[1].lower()
         try:
             if ext in (".tsv", ".txt", ".csv"):
-                delim = "," if ext == ".csv" else None
-                gates = np.loadtxt(path, dtype=np.float64, delimiter=delim, ndmin=2)
-                return cls(gates, {"source": f"file:{os.path.basename(path)}"})
+                return cls._load_text(path, delimiter="," if ext == ".csv" else None)
             if ext == ".json":
                 with open(path, encoding="utf-8") as f:
                     doc = json.load(f)
@@ -68,10 +82,20 @@ class HeadPattern:
         except RLKVConfigError:
             raise
         except Exception as e:  # noqa: BLE001 - turned into one readable line
-            raise config_error(
-                "heads", path, f"could not be read as a head pattern ({type(e).__name__}: {e})"
-            ) from None
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+            raise config_error("heads", path, f"could not be read as a head pattern ({reason})") from None
         raise config_error("heads", path, "unknown extension: use .tsv, .json or .safetensors")
+
+    @classmethod
+    def _load_text(cls, path: str, delimiter: str | None) -> "HeadPattern":
+        with warnings.catch_warnings():
+            # numpy warns on an empty file before returning an empty array; we refuse it below
+            warnings.simplefilter("ignore", UserWarning)
+            gates = np.loadtxt(path, dtype=np.float64, delimiter=delimiter, ndmin=2)
+        if gates.size == 0:
+            raise config_error("heads", path, "is empty: expected an L x H_kv grid of gate values "
+                               "(one line per layer)")
+        return cls(gates, {"source": f"file:{os.path.basename(path)}"})
 
     @classmethod
     def from_json_dict(cls, doc: Any) -> "HeadPattern":
@@ -125,16 +149,55 @@ class HeadPattern:
             raise ValueError(f"unknown pattern extension {ext!r}: use .json, .safetensors or .tsv")
 
     # ----------------------------------------------------------- validation
+    def check_consistent(self) -> None:
+        """The pattern on its own: gate values finite, metadata shape equal to the gates' shape."""
+        if not np.all(np.isfinite(self.gates)):
+            raise config_error("heads", self.name, "holds NaN or inf: every gate must be a finite number")
+        stated = []
+        for key in ("num_layers", "num_kv_heads"):
+            value = self.metadata[key]
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise config_error("heads", self.name, f"has metadata {key} = {value!r}: must be a whole number")
+            stated.append(value)
+        if tuple(stated) != (self.num_layers, self.num_kv_heads):
+            raise config_error(
+                "heads",
+                self.name,
+                f"has metadata num_layers x num_kv_heads = {stated[0]} x {stated[1]} but its gates are "
+                f"{self.num_layers} x {self.num_kv_heads}: fix the metadata or the gates",
+            )
+
     def check_shape(self, shape: ModelShape) -> None:
+        """The pattern against a model: one gate per (layer, KV head)."""
         if (self.num_layers, self.num_kv_heads) != (shape.num_layers, shape.num_kv_heads):
             raise config_error(
                 "heads",
-                self.metadata.get("path", "pattern"),
+                self.name,
                 f"has shape {self.num_layers} x {self.num_kv_heads} (layers x KV heads) but "
                 f"the model has {shape.num_layers} x {shape.num_kv_heads}",
             )
-        if not np.all(np.isfinite(self.gates)):
-            raise config_error("heads", self.metadata.get("path", "pattern"), "holds NaN or inf")
+
+    def model_warning(self, shape: ModelShape) -> str | None:
+        """A one-line warning when the pattern's metadata names another model than the served one."""
+        made_for = self.metadata.get("model_id")
+        if not made_for or not shape.model_id or same_model_id(str(made_for), shape.model_id):
+            return None
+        return (
+            f"rlkv.heads = {self.name!r} was made for model {made_for!r} (its metadata model_id), "
+            f"not the served model {shape.model_id!r}: check that the pattern belongs to this model"
+        )
+
+
+def _model_key(model_id: str) -> str:
+    return os.path.basename(model_id.strip().rstrip("/")).lower()
+
+
+def same_model_id(a: str, b: str) -> bool:
+    """Whether two model ids name the same model, leniently: a hub id, a local path and a
+    path with a trailing '/' agree when their last parts agree, ignoring case."""
+    return _model_key(a) == _model_key(b)
 
 
 def select_full_heads(
@@ -177,39 +240,71 @@ def select_full_heads(
 
 
 def mask_from_full_heads(full_heads: tuple[tuple[int, int], ...], shape: ModelShape) -> np.ndarray:
-    mask = np.zeros((shape.num_layers, shape.num_kv_heads), dtype=bool)
+    return _mask_from_pairs(full_heads, shape.num_layers, shape.num_kv_heads)
+
+
+def _mask_from_pairs(full_heads: tuple[tuple[int, int], ...], num_layers: int, num_kv_heads: int) -> np.ndarray:
+    mask = np.zeros((num_layers, num_kv_heads), dtype=bool)
     for layer, head in full_heads:
-        if not (0 <= layer < shape.num_layers and 0 <= head < shape.num_kv_heads):
+        if not (0 <= layer < num_layers and 0 <= head < num_kv_heads):
             raise config_error(
                 "full_heads",
                 [layer, head],
-                f"layer must be in [0, {shape.num_layers}) and KV head in "
-                f"[0, {shape.num_kv_heads})",
+                f"layer must be in [0, {num_layers}) and KV head in [0, {num_kv_heads})",
             )
         mask[layer, head] = True
     return mask
 
 
-def resolve_head_mask(settings: RLKVSettings, shape: ModelShape) -> tuple[np.ndarray, np.ndarray]:
-    """Settings + model shape -> (full-head mask [L, H_kv] bool, gates [L, H_kv] float32).
+def streaming_fraction(mask: np.ndarray) -> float:
+    """The effective sparsity: the fraction of KV heads a full-head mask leaves streaming."""
+    return float(1.0 - np.asarray(mask, dtype=bool).mean())
 
-    Raises RLKVConfigError for a missing/unreadable file, a shape mismatch, a
-    non-binary explicit pattern, or a mask with no full head at all.
+
+def layers_without_full_head(mask: np.ndarray) -> int:
+    """Layers whose every KV head streams (they page a placeholder, see RLKVPlan)."""
+    return int((~np.asarray(mask, dtype=bool).any(axis=1)).sum())
+
+
+@dataclass(frozen=True)
+class HeadSelection:
+    """The heads the settings select, checked as a server start checks them.
+
+    mask: bool [L, H_kv], True = full head; gates: float32 [L, H_kv] clipped to [0, 1].
+    pattern: the loaded pattern file (None with explicit ``full_heads`` and no file).
+    warnings: one-line problems that do not stop a start (a pattern made for another model).
     """
-    if settings.heads is not None:
-        pattern = HeadPattern.load(settings.heads)
-        pattern.metadata["path"] = settings.heads
+
+    mask: np.ndarray
+    gates: np.ndarray
+    pattern: HeadPattern | None
+    warnings: tuple[str, ...] = ()
+
+
+def select_heads(settings: RLKVSettings, shape: ModelShape | None = None) -> HeadSelection:
+    """Settings (+ model shape) -> the full heads, with every check a server start makes.
+
+    Without a shape (``rlkv pattern`` with no ``--model``) the pattern is checked on its
+    own and its grid is the model's. Raises RLKVConfigError for an unreadable, empty,
+    non-finite or self-contradicting file, a shape mismatch, a non-binary explicit
+    pattern, or a mask with no full head at all.
+    """
+    if shape is not None:
+        shape.check()
+    pattern = HeadPattern.load(settings.heads) if settings.heads is not None else None
+    if pattern is not None and shape is not None:
         pattern.check_shape(shape)
-        gates = pattern.gates
-    else:
-        gates = None
     if settings.selection == "explicit" and settings.full_heads is not None:
-        mask = mask_from_full_heads(settings.full_heads, shape)
+        if shape is not None:
+            grid = (shape.num_layers, shape.num_kv_heads)
+        elif pattern is not None:
+            grid = (pattern.num_layers, pattern.num_kv_heads)
+        else:
+            raise config_error("heads", None, "a head pattern file or a model is needed to place full_heads")
+        mask = _mask_from_pairs(settings.full_heads, *grid)
     else:
-        assert gates is not None
-        mask = select_full_heads(gates, settings.sparsity, settings.selection)
-    if gates is None:
-        gates = mask.astype(np.float32)
+        assert pattern is not None  # parse_settings requires a file unless full_heads are given
+        mask = select_full_heads(pattern.gates, settings.sparsity, settings.selection)
     if not mask.any():
         raise config_error(
             "heads",
@@ -217,7 +312,20 @@ def resolve_head_mask(settings: RLKVSettings, shape: ModelShape) -> tuple[np.nda
             "leaves the model with no full head at all; vLLM's scheduler needs at least one "
             "full KV head to page (lower rlkv.sparsity or mark a head full)",
         )
-    return mask, np.clip(gates, 0.0, 1.0).astype(np.float32)
+    gates = pattern.gates if pattern is not None else mask.astype(np.float32)
+    warning = pattern.model_warning(shape) if pattern is not None and shape is not None else None
+    return HeadSelection(
+        mask=mask,
+        gates=np.clip(gates, 0.0, 1.0).astype(np.float32),
+        pattern=pattern,
+        warnings=(warning,) if warning else (),
+    )
+
+
+def resolve_head_mask(settings: RLKVSettings, shape: ModelShape) -> tuple[np.ndarray, np.ndarray]:
+    """Settings + model shape -> (full-head mask [L, H_kv] bool, gates [L, H_kv] float32)."""
+    selection = select_heads(settings, shape)
+    return selection.mask, selection.gates
 
 
 def local_kv_heads(num_kv_heads: int, tp_size: int, tp_rank: int) -> list[int]:

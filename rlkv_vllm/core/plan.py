@@ -11,13 +11,13 @@ does not matter for attention.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .patterns import LayerHeads, resolve_head_mask, split_layers
-from .settings import ModelShape, RLKVConfigError, RLKVSettings
+from .patterns import LayerHeads, layers_without_full_head, select_heads, split_layers, streaming_fraction
+from .settings import ModelShape, RLKVSettings
 
 
 def ring_index(pos: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
@@ -47,6 +47,8 @@ class RLKVPlan:
     mask: bool [L, H_kv] full heads (global indices); gates: float32 [L, H_kv].
     layers: this rank's per-layer split; ring_nbytes: bytes of this rank's rings
     (max over ranks, which is what every rank must reserve).
+    warnings: one-line problems that do not stop a start (e.g. a pattern made for another
+    model), for the start-up log and ``rlkv pattern``.
     """
 
     settings: RLKVSettings
@@ -59,6 +61,7 @@ class RLKVPlan:
     max_num_seqs: int
     dtype: torch.dtype
     ring_nbytes: int
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def serve(self) -> bool:
@@ -70,7 +73,12 @@ class RLKVPlan:
 
     @property
     def sparsity_actual(self) -> float:
-        return float(1.0 - self.mask.mean())
+        """The effective sparsity; selection works in whole heads, so it can differ from the request."""
+        return streaming_fraction(self.mask)
+
+    @property
+    def layers_without_full_head(self) -> int:
+        return layers_without_full_head(self.mask)
 
     def paged_heads(self) -> list[int]:
         """KV-head slots each layer pages (0: a layer with no full head)."""
@@ -116,12 +124,8 @@ def build_plan(
     tp_rank: int = 0,
 ) -> RLKVPlan:
     """Validate settings against a model shape and size the pools; raises RLKVConfigError."""
-    if shape.num_q_heads % shape.num_kv_heads:
-        raise RLKVConfigError(
-            f"model {shape.model_id} has {shape.num_q_heads} query heads, not a multiple of "
-            f"its {shape.num_kv_heads} KV heads"
-        )
-    mask, gates = resolve_head_mask(settings, shape)
+    heads = select_heads(settings, shape)
+    mask = heads.mask
     layers = split_layers(mask, tp_size, tp_rank)
     nbytes = max(
         ring_bytes(ring_heads_of(split_layers(mask, tp_size, r), settings.mode), max_num_seqs,
@@ -132,11 +136,12 @@ def build_plan(
         settings=settings,
         shape=shape,
         mask=mask,
-        gates=gates,
+        gates=heads.gates,
         tp_size=tp_size,
         tp_rank=tp_rank,
         layers=layers,
         max_num_seqs=max_num_seqs,
         dtype=dtype,
         ring_nbytes=nbytes,
+        warnings=list(heads.warnings),
     )

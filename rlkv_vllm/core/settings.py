@@ -6,9 +6,10 @@ bad setting is refused at startup instead of failing later inside a worker.
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 from typing import Any, Literal
 
 SELECTIONS = ("global", "per_layer", "explicit")
@@ -74,6 +75,40 @@ class RLKVSettings:
 
 
 _KEYS = tuple(RLKVSettings.__dataclass_fields__)
+
+# what each key means, for `rlkv serve --help` and the README's settings table (a test keeps both in step)
+SETTING_MEANINGS: dict[str, str] = {
+    "heads": "head pattern: RLKV/DuoAttention `L x H_kv` TSV, or our JSON / safetensors (gates + metadata)",
+    "sparsity": "fraction of KV heads made streaming, in [0, 1)",
+    "sink": "streaming window: a streaming head keeps the first `sink` tokens of a request",
+    "recent": "streaming window: a streaming head also keeps the last `recent` tokens",
+    "selection": "`global` quantile over all heads (the paper's), `per_layer` top-k, or `explicit` "
+                 "(0/1 pattern, or `full_heads`)",
+    "mode": "`serve` (split KV cache, memory saved) or `gated` (full cache, "
+            "`alpha*full + (1-alpha)*streaming`, for training rollouts)",
+    "full_heads": 'with selection `explicit`: the full heads as `["layer:head", ...]` or `[[layer, head], ...]`',
+    "kernel": "streaming-pool kernels: `triton` (what `auto` runs on CUDA) or `torch` "
+              "(the CPU path; on CUDA a reference path without CUDA graphs)",
+    "full_kernel": "CUDA, full heads: `flash_attn` (what `auto` runs for fp16/bf16 where usable) or `triton` "
+                   "(vLLM's Triton attention)",
+    "decode_kernel": "CUDA, the one-launch decode step: `triton` (what `auto` runs) or `cuda` "
+                     "(`csrc/rlkv_decode.cu`, opt-in: slower so far)",
+}
+
+
+def setting_default(key: str) -> str:
+    """A key's default as users write it in JSON; ``heads`` shows as required."""
+    default = RLKVSettings.__dataclass_fields__[key].default
+    if key == "heads":
+        return "required"
+    if default is None or default is MISSING:
+        return "none"
+    return json.dumps(default).strip('"')
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """(key, default, meaning) of every ``additional_config["rlkv"]`` key, in field order."""
+    return [(key, setting_default(key), SETTING_MEANINGS[key]) for key in _KEYS]
 
 
 def _as_int(name: str, value: Any) -> int:
@@ -223,3 +258,60 @@ class ModelShape:
     @property
     def group_size(self) -> int:
         return self.num_q_heads // self.num_kv_heads
+
+    def check(self) -> None:
+        """Refuse a model whose query heads do not group evenly over its KV heads."""
+        if self.num_q_heads % self.num_kv_heads:
+            raise RLKVConfigError(
+                f"model {self.model_id} has {self.num_q_heads} query heads, not a multiple of "
+                f"its {self.num_kv_heads} KV heads"
+            )
+
+
+def _config_int(config: dict[str, Any], path: str, *names: str) -> int | None:
+    """The first of ``names`` present in a model config, as a positive int (None if none is)."""
+    for name in names:
+        value = config.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise RLKVConfigError(f"model = {path!r} is not allowed: its config.json has {name} = {value!r}, "
+                                  "expected a positive integer")
+        return value
+    return None
+
+
+def model_shape_from_config(path: str) -> ModelShape:
+    """The shape of a local model (its directory or its config.json), read as vLLM reads it.
+
+    Multimodal configs keep the language model in ``text_config``. The model id is the
+    directory, as ``vllm serve DIR`` names the model.
+    """
+    config_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(config_path):
+        raise RLKVConfigError(f"model = {path!r} is not allowed: no such config.json; give a local model "
+                              "directory or its config.json")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RLKVConfigError(f"model = {path!r} is not allowed: config.json could not be read "
+                              f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+    if not isinstance(config, dict):
+        raise RLKVConfigError(f"model = {path!r} is not allowed: config.json is not a JSON object")
+    text = config.get("text_config")
+    if isinstance(text, dict):
+        config = {**config, **text}
+    num_layers = _config_int(config, path, "num_hidden_layers", "num_layers", "n_layer")
+    num_q_heads = _config_int(config, path, "num_attention_heads", "n_head")
+    if num_layers is None or num_q_heads is None:
+        raise RLKVConfigError(f"model = {path!r} is not allowed: config.json names no num_hidden_layers "
+                              "or num_attention_heads")
+    num_kv_heads = _config_int(config, path, "num_key_value_heads", "num_kv_heads") or num_q_heads
+    head_size = _config_int(config, path, "head_dim")
+    if head_size is None:
+        hidden = _config_int(config, path, "hidden_size") or 0
+        head_size = hidden // num_q_heads
+    model_dir = os.path.dirname(os.path.abspath(config_path))
+    return ModelShape(num_layers=num_layers, num_kv_heads=num_kv_heads, num_q_heads=num_q_heads,
+                      head_size=head_size, model_id=model_dir)

@@ -1,16 +1,23 @@
-"""Head patterns: the published files load, formats round-trip, selections count right."""
+"""Head patterns: the published files load, formats round-trip, selections count right;
+bad files (empty, garbage, NaN, metadata that contradicts the gates) are refused on one line."""
 
+import json
 import os
+import warnings
 
 import numpy as np
 import pytest
 
 from rlkv_vllm.core.patterns import (
     HeadPattern,
+    layers_without_full_head,
     local_kv_heads,
     resolve_head_mask,
+    same_model_id,
     select_full_heads,
+    select_heads,
     split_layers,
+    streaming_fraction,
 )
 from rlkv_vllm.core.settings import ModelShape, RLKVConfigError, RLKVSettings
 
@@ -115,3 +122,112 @@ def test_tp_split_and_padding():
     assert [l.full for l in r1] == [(), (), (0, 1)]
     # every rank reports the same paged head count per layer (the max)
     assert [l.paged_slots for l in r0] == [l.paged_slots for l in r1] == [2, 1, 2]
+
+
+def refused(path) -> str:
+    """The one-line error loading ``path`` gives, with no warning printed on the way."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RLKVConfigError) as e:
+            HeadPattern.load(str(path))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"rlkv.heads = {str(path)!r} is not allowed: ")
+    return msg
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "  \n"])
+def test_empty_file(tmp_path, content):
+    p = tmp_path / "empty.tsv"
+    p.write_text(content)
+    assert "is empty" in refused(p)
+
+
+@pytest.mark.parametrize("name,content", [
+    ("garbage.tsv", "0.1 0.2\nnot numbers\n"),
+    ("ragged.tsv", "0.1 0.2\n0.3\n"),
+    ("garbage.json", "{not json"),
+    ("other.json", json.dumps({"gates": [[0.5]]})),
+    ("ragged.json", json.dumps({"format": "rlkv-pattern", "gates": [[0.5, 0.1], [0.2]]})),
+    ("empty.json", json.dumps({"format": "rlkv-pattern", "gates": []})),
+    ("garbage.safetensors", "\x80\x04 not a header"),
+])
+def test_garbage_file(tmp_path, name, content):
+    p = tmp_path / name
+    p.write_text(content)
+    assert "could not be read as a head pattern" in refused(p)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("ext", [".tsv", ".json", ".safetensors"])
+def test_non_finite_gates(tmp_path, bad, ext):
+    g = np.full((2, 2), 0.5, dtype=np.float32)
+    g[1, 0] = bad
+    p = tmp_path / f"p{ext}"
+    HeadPattern(g, {"model_id": "m"}).save(str(p))
+    assert "holds NaN or inf" in refused(p)
+
+
+@pytest.mark.parametrize("ext", [".json", ".safetensors"])
+def test_metadata_shape_must_match_gates(tmp_path, ext):
+    """The issue's case: metadata says 32 x 8, the gates are 4 x 4."""
+    p = tmp_path / f"p{ext}"
+    HeadPattern(np.full((4, 4), 0.5), {"model_id": "m", "num_layers": 32, "num_kv_heads": 8}).save(str(p))
+    assert "metadata num_layers x num_kv_heads = 32 x 8 but its gates are 4 x 4" in refused(p)
+    # serve checks it too: a 4 x 4 model would otherwise take the file
+    shape = ModelShape(num_layers=4, num_kv_heads=4, num_q_heads=8, head_size=32)
+    with pytest.raises(RLKVConfigError, match="32 x 8 but its gates are 4 x 4"):
+        select_heads(RLKVSettings(heads=str(p)), shape)
+
+
+@pytest.mark.parametrize("value", ["four", 4.5, True, None])
+def test_metadata_shape_must_be_a_whole_number(tmp_path, value):
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({"format": "rlkv-pattern", "gates": [[0.5, 0.5]], "metadata": {"num_layers": value}}))
+    assert f"has metadata num_layers = {value!r}: must be a whole number" in refused(p)
+
+
+def test_agreeing_metadata_loads(tmp_path):
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({"format": "rlkv-pattern", "gates": [[0.5, 0.5]],
+                             "metadata": {"num_layers": 1.0, "num_kv_heads": 2}}))
+    assert HeadPattern.load(str(p)).path == str(p)
+
+
+@pytest.mark.parametrize("a,b", [
+    ("DeepSeek-R1-Distill-Llama-8B", "/models/deepseek-r1-distill-llama-8b/"),
+    ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "DeepSeek-R1-Distill-Llama-8B"),
+    ("rlkv-tiny", "/home/u/.cache/rlkv-tiny"),
+])
+def test_same_model_id_is_lenient(a, b):
+    assert same_model_id(a, b) and same_model_id(b, a)
+
+
+def test_model_id_warning(tmp_path):
+    shape = ModelShape(num_layers=2, num_kv_heads=2, num_q_heads=4, head_size=32, model_id="/models/Qwen3-4B/")
+    other = tmp_path / "other.json"
+    HeadPattern(np.full((2, 2), 0.5), {"model_id": "DeepSeek-R1-Distill-Llama-8B"}).save(str(other))
+    heads = select_heads(RLKVSettings(heads=str(other)), shape)
+    (warning,) = heads.warnings
+    assert "\n" not in warning and "'DeepSeek-R1-Distill-Llama-8B'" in warning and "'/models/Qwen3-4B/'" in warning
+    assert warning.startswith(f"rlkv.heads = {str(other)!r}")
+    same = tmp_path / "same.json"
+    HeadPattern(np.full((2, 2), 0.5), {"model_id": "qwen3-4b"}).save(str(same))
+    assert select_heads(RLKVSettings(heads=str(same)), shape).warnings == ()
+    # TSV files carry no model_id; and without a model there is nothing to compare
+    tsv = tmp_path / "p.tsv"
+    HeadPattern(np.full((2, 2), 0.5)).save(str(tsv))
+    assert select_heads(RLKVSettings(heads=str(tsv)), shape).warnings == ()
+    assert select_heads(RLKVSettings(heads=str(other))).warnings == ()
+
+
+def test_select_heads_without_a_model_uses_the_files_grid(tmp_path):
+    p = tmp_path / "p.tsv"
+    p.write_text("0.1 0.2 0.3 0.4\n0.1 0.2 0.3 0.4\n0.5 0.6 0.7 0.8\n0.1 0.2 0.3 0.9\n")
+    heads = select_heads(RLKVSettings(heads=str(p), sparsity=0.99))
+    # the issue's numbers: 0.99 keeps one head of 16, three of four layers have none
+    assert heads.mask.sum() == 1 and heads.mask[3, 3]
+    assert streaming_fraction(heads.mask) == 0.9375 and layers_without_full_head(heads.mask) == 3
+    zeros = tmp_path / "zeros.tsv"
+    zeros.write_text("0 0\n0 0\n")
+    with pytest.raises(RLKVConfigError, match="no full head at all"):
+        select_heads(RLKVSettings(heads=str(zeros), selection="explicit"))

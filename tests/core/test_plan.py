@@ -57,3 +57,29 @@ def test_query_heads_must_group():
     settings = RLKVSettings(selection="explicit", full_heads=((0, 0),))
     with pytest.raises(RLKVConfigError, match="not a multiple"):
         build_plan(settings, shape, max_num_seqs=4, dtype=torch.float32)
+
+
+def _pattern_plan(tmp_path, gates, model_id, served_model_id, sparsity=0.5):
+    from rlkv_vllm.core.patterns import HeadPattern
+
+    path = str(tmp_path / "p.json")
+    HeadPattern(np.asarray(gates, dtype=np.float32), {"model_id": model_id}).save(path)
+    L, H = np.asarray(gates).shape
+    shape = ModelShape(num_layers=L, num_kv_heads=H, num_q_heads=2 * H, head_size=64, model_id=served_model_id)
+    return build_plan(RLKVSettings(heads=path, sparsity=sparsity), shape, max_num_seqs=4, dtype=torch.float32)
+
+
+def test_plan_warns_of_a_pattern_for_another_model(tmp_path):
+    gates = np.random.default_rng(3).uniform(size=(2, 4))
+    plan = _pattern_plan(tmp_path, gates, "DeepSeek-R1-Distill-Llama-8B", "/models/Qwen3-4B-Thinking-2507")
+    assert len(plan.warnings) == 1 and "DeepSeek-R1-Distill-Llama-8B" in plan.warnings[0]
+    assert _pattern_plan(tmp_path, gates, "Qwen3-4B-Thinking-2507", "/models/qwen3-4b-thinking-2507/").warnings == []
+    # a plan built by hand has none
+    assert _plan(np.array([[1, 0]], dtype=bool)).warnings == []
+
+
+def test_plan_counts_layers_without_full_head(tmp_path):
+    gates = [[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8], [0.1, 0.2, 0.3, 0.9]]
+    plan = _pattern_plan(tmp_path, gates, "m", "m", sparsity=0.99)
+    assert plan.settings.sparsity == 0.99 and plan.sparsity_actual == 0.9375
+    assert plan.layers_without_full_head == 3

@@ -1,8 +1,21 @@
-"""Settings validation: each bad value is refused with a line naming field, value and rule."""
+"""Settings validation: each bad value is refused with a line naming field, value and rule;
+the key table (CLI help, README) covers every key; model shapes read from config.json."""
+
+import json
+import os
 
 import pytest
 
-from rlkv_vllm.core.settings import RLKVConfigError, parse_settings
+from rlkv_vllm.core.settings import (
+    RLKVConfigError,
+    RLKVSettings,
+    model_shape_from_config,
+    parse_settings,
+    settings_table,
+)
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+SHAPES = os.path.join(ROOT, "..", "shared", "data", "model-shapes")
 
 
 @pytest.fixture
@@ -70,3 +83,69 @@ def test_explicit_full_heads():
 def test_not_a_dict():
     with pytest.raises(RLKVConfigError, match="additional_config.rlkv"):
         parse_settings([1, 2])
+
+
+def test_settings_table_covers_every_key():
+    table = settings_table()
+    assert [k for k, _, _ in table] == list(RLKVSettings.__dataclass_fields__)
+    defaults = {k: d for k, d, _ in table}
+    assert defaults == {"heads": "required", "sparsity": "0.5", "sink": "16", "recent": "64", "selection": "global",
+                        "mode": "serve", "full_heads": "none", "kernel": "auto", "full_kernel": "auto",
+                        "decode_kernel": "auto"}
+    assert all(meaning and "\n" not in meaning for _, _, meaning in table)
+
+
+def settings_markdown() -> str:
+    """The README's settings table, as settings_table() says it."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, meaning in settings_table():
+        shown = default if default in ("required", "none") else f"`{default}`"
+        rows.append(f"| `{key}` | {shown} | {meaning} |")
+    return "\n".join(rows)
+
+
+def test_readme_settings_table_is_the_code_table():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert settings_markdown() in readme, "README's settings table differs from core.settings.settings_table():\n" + \
+        settings_markdown()
+
+
+@pytest.mark.parametrize("model,expected", [
+    ("DeepSeek-R1-Distill-Llama-8B", (32, 8, 32, 128)),
+    ("DeepSeek-R1-Distill-Qwen-7B", (28, 4, 28, 128)),
+    ("Qwen3-4B-Thinking-2507", (36, 8, 32, 128)),  # head_dim given, not hidden / heads (80)
+])
+def test_model_shape_from_published_configs(model, expected):
+    d = os.path.join(SHAPES, model)
+    if not os.path.isdir(d):
+        pytest.skip("../shared/data not present")
+    for path in (d, d + "/", os.path.join(d, "config.json")):
+        shape = model_shape_from_config(path)
+        assert (shape.num_layers, shape.num_kv_heads, shape.num_q_heads, shape.head_size) == expected
+        assert shape.model_id == os.path.abspath(d)
+
+
+def test_model_shape_text_config_and_defaults(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"architectures": ["X"], "text_config": {"num_hidden_layers": 3, "num_attention_heads": 4, "hidden_size": 256}}
+    ))
+    shape = model_shape_from_config(str(tmp_path))
+    # no num_key_value_heads: multi-head attention, one KV head per query head
+    assert (shape.num_layers, shape.num_kv_heads, shape.num_q_heads, shape.head_size) == (3, 4, 4, 64)
+
+
+@pytest.mark.parametrize("content,hint", [
+    (None, "no such config.json"),
+    ("{not json", "could not be read"),
+    ("[1, 2]", "not a JSON object"),
+    (json.dumps({"hidden_size": 64}), "names no num_hidden_layers"),
+    (json.dumps({"num_hidden_layers": "four", "num_attention_heads": 4}), "num_hidden_layers = 'four'"),
+])
+def test_model_shape_errors(tmp_path, content, hint):
+    if content is not None:
+        (tmp_path / "config.json").write_text(content)
+    with pytest.raises(RLKVConfigError) as e:
+        model_shape_from_config(str(tmp_path))
+    msg = str(e.value)
+    assert msg.startswith(f"model = {str(tmp_path)!r} is not allowed: ") and hint in msg and "\n" not in msg
