@@ -8,6 +8,7 @@ the engine processes start) and read by a collector at scrape time.
 
 from __future__ import annotations
 
+import atexit
 import mmap
 import os
 import struct
@@ -87,7 +88,8 @@ class RLKVCollector:
         if plan is None:
             return
         s = plan.settings
-        info = InfoMetricFamily("rlkv", "RLKV settings of this server")
+        # vLLM's scheme: every name starts with "rlkv:", an info family exports <name>_info
+        info = InfoMetricFamily("rlkv:config", "RLKV settings of this server")
         info.add_metric(
             [],
             {
@@ -100,9 +102,17 @@ class RLKVCollector:
             },
         )
         yield info
-        g = GaugeMetricFamily("rlkv:sparsity", "Fraction of KV heads with a streaming cache")
+        g = GaugeMetricFamily("rlkv:sparsity", "Fraction of KV heads with a streaming cache (effective)")
         g.add_metric([], plan.sparsity_actual)
         yield g
+        requested = GaugeMetricFamily(
+            "rlkv:sparsity_requested", "rlkv.sparsity as set; selection rounds it to whole heads (rlkv:sparsity)"
+        )
+        requested.add_metric([], s.sparsity)
+        yield requested
+        no_full = GaugeMetricFamily("rlkv:layers_without_full_head", "Layers whose every KV head streams")
+        no_full.add_metric([], plan.layers_without_full_head)
+        yield no_full
         heads = GaugeMetricFamily("rlkv:kv_heads", "KV heads by cache kind (all layers)", labels=["kind"])
         n_full = int(plan.mask.sum())
         heads.add_metric(["full"], n_full)
@@ -140,17 +150,46 @@ class RLKVCollector:
 COLLECTOR = RLKVCollector()
 _registered = False
 _lock = threading.Lock()
+# the process that created COLLECTOR.path: only it removes the file (a forked child inherits
+# the atexit hook and must not delete a file the server still uses)
+_owner_pid: int | None = None
+_atexit_installed = False
+
+
+def _remove_file(path: str | None) -> None:
+    if not path:
+        return
+    try:
+        os.unlink(path)
+    except OSError:  # already gone, or never ours to remove
+        pass
+
+
+def _remove_at_exit() -> None:
+    """On a clean stop (SIGTERM included: vLLM shuts down and returns), remove the shared file."""
+    if _owner_pid == os.getpid():
+        _remove_file(COLLECTOR.path)
 
 
 def publish_plan(plan: "RLKVPlan") -> str:
-    """Front-end: expose this plan's metrics and create the worker's shared file."""
-    global _registered
+    """Front-end: expose this plan's metrics and create the worker's shared file.
+
+    The file is removed when the process exits cleanly, and when a later engine of the same
+    process publishes its own (the collector shows only the current engine).
+    """
+    global _registered, _owner_pid, _atexit_installed
     fd, path = tempfile.mkstemp(prefix="rlkv-metrics-", suffix=".bin")
     os.close(fd)
     os.environ[ENV_FILE] = path
-    COLLECTOR.plan = plan
-    COLLECTOR.path = path
     with _lock:
+        previous = COLLECTOR.path if _owner_pid == os.getpid() else None
+        COLLECTOR.plan = plan
+        COLLECTOR.path = path
+        _owner_pid = os.getpid()
+        _remove_file(previous)
+        if not _atexit_installed:
+            atexit.register(_remove_at_exit)
+            _atexit_installed = True
         if not _registered:
             try:
                 from prometheus_client import REGISTRY
