@@ -1,37 +1,65 @@
 """(d) The OpenAI-compatible server with RLKV: completions, chat, streaming, 64 concurrent
 requests (more than max_num_seqs) equal to the same requests sent one by one, client
-aborts, and the RLKV metrics on /metrics."""
+aborts, the RLKV metrics on /metrics (names checked without a server too), and a clean
+stop that leaves no metrics file behind."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import glob
+import os
 import random
 import time
+from typing import Callable
 
 import pytest
+import torch
 
-from rlkv_vllm.server import parse_prometheus, start_server
+from rlkv_vllm import metrics as rlkv_metrics
+from rlkv_vllm.core.patterns import select_full_heads
+from rlkv_vllm.core.plan import RLKVPlan, build_plan
+from rlkv_vllm.core.settings import ModelShape, RLKVSettings
+from rlkv_vllm.server import ServerProcess, parse_prometheus, start_server
 from tests.engine_utils import random_gates, write_pattern
 
 pytestmark = pytest.mark.slow
 
 MAX_SEQS = 8
+GATES = random_gates(4, 4, seed=2)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
+def start_shared_server(tiny_model, tmp_path_factory) -> Callable[[], ServerProcess]:
+    """The module's one server, started on first use (again only if a test stopped it)."""
     d = tmp_path_factory.mktemp("srv")
-    pattern = write_pattern(str(d / "p.json"), random_gates(4, 4, seed=2))
+    pattern = write_pattern(str(d / "p.json"), GATES)
     rlkv = {"heads": pattern, "sparsity": 0.5, "sink": 4, "recent": 8}
     extra = ["--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", str(MAX_SEQS),
              "--kv-cache-memory-bytes", str(64 << 20)]
-    # the default multi-process engine, as users run it
-    srv = start_server(tiny_model, rlkv=rlkv, extra_args=extra, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
-    yield srv
-    srv.stop()
+    started: list[ServerProcess] = []
+
+    def get() -> ServerProcess:
+        if not started or started[-1].proc.poll() is not None:
+            # a private TMPDIR, where the front-end creates its rlkv-metrics-*.bin
+            tmpdir = tmp_path_factory.mktemp("srv-tmp")
+            # the default multi-process engine, as users run it
+            srv = start_server(tiny_model, rlkv=rlkv, extra_args=extra,
+                               env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "TMPDIR": str(tmpdir)})
+            srv.tmpdir = str(tmpdir)  # type: ignore[attr-defined]
+            started.append(srv)
+        return started[-1]
+
+    yield get
+    for srv in started:
+        srv.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
+def server(start_shared_server) -> ServerProcess:
+    return start_shared_server()
+
+
+@pytest.fixture
 def client(server):
     from openai import OpenAI
 
@@ -117,7 +145,73 @@ def test_metrics(server):
     assert bpt["stock"] == 4 * 4 * 2 * 32 * 4 and bpt["rlkv"] == bpt["stock"] / 2
     slots = {lab["state"]: v for lab, v in m["rlkv:ring_slots"]}
     assert slots["in_use"] + slots["free"] == MAX_SEQS
-    assert m["rlkv_info"][0][0]["mode"] == "serve"
+    assert m["rlkv:config_info"][0][0]["mode"] == "serve"
     # vLLM's own cache figure sees the larger paged pool
     cache = m["vllm:cache_config_info"][0][0]
     assert int(cache["num_gpu_blocks"]) * int(cache["block_size"]) > (64 << 20) // bpt["stock"]
+    assert m["rlkv:sparsity_requested"][0][1] == 0.5
+    no_full = int((~select_full_heads(GATES, 0.5, "global").any(axis=1)).sum())
+    assert m["rlkv:layers_without_full_head"][0][1] == no_full
+    assert all(name.startswith("rlkv:") for name in m if name.startswith("rlkv")), sorted(m)
+
+
+def test_clean_stop_removes_metrics_file(server):
+    """After every test that uses the server: it stops it (a later one would start a new one)."""
+    (path,) = glob.glob(os.path.join(server.tmpdir, "rlkv-metrics-*.bin"))
+    assert rlkv_metrics.read_metrics_file(path)["num_slots"] == MAX_SEQS  # the worker writes into it
+    server.stop()  # SIGTERM, as a user or a supervisor stops it
+    assert server.proc.returncode is not None
+    assert not os.path.exists(path), "a clean stop must remove the metrics file"
+
+
+# ------------------------------------------------------------------ without a server
+def _plan(tmp_path, sparsity: float) -> RLKVPlan:
+    pattern = write_pattern(str(tmp_path / "p.json"), [[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4],
+                                                       [0.5, 0.6, 0.7, 0.8], [0.1, 0.2, 0.3, 0.9]])
+    shape = ModelShape(num_layers=4, num_kv_heads=4, num_q_heads=8, head_size=32, model_id="rlkv-tiny")
+    return build_plan(RLKVSettings(heads=pattern, sparsity=sparsity, sink=4, recent=8), shape,
+                      max_num_seqs=MAX_SEQS, dtype=torch.float32)
+
+
+def _scrape(collector: rlkv_metrics.RLKVCollector) -> dict[str, list[tuple[dict[str, str], float]]]:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return parse_prometheus(generate_latest(registry).decode())
+
+
+def test_collector_names_and_sparsity(tmp_path):
+    """One naming scheme, vLLM's: every name starts with "rlkv:"; requested vs effective sparsity."""
+    collector = rlkv_metrics.RLKVCollector()
+    collector.plan = _plan(tmp_path, 0.99)  # the issue's case: 0.99 keeps 1 head of 16
+    m = _scrape(collector)
+    assert sorted(m) == sorted([
+        "rlkv:config_info", "rlkv:sparsity", "rlkv:sparsity_requested", "rlkv:layers_without_full_head",
+        "rlkv:kv_heads", "rlkv:kv_bytes_per_token", "rlkv:kv_bytes_per_token_ratio", "rlkv:ring_bytes",
+        "rlkv:ring_slots", "rlkv:ring_slots_peak", "rlkv:ring_slot_assignments",
+    ])
+    assert m["rlkv:sparsity"] == [({}, 0.9375)] and m["rlkv:sparsity_requested"] == [({}, 0.99)]
+    assert m["rlkv:layers_without_full_head"] == [({}, 3.0)]
+    info = m["rlkv:config_info"][0][0]
+    assert info["mode"] == "serve" and info["sparsity_requested"] == "0.99" and info["pattern"] == "p.json"
+
+
+def test_publish_plan_removes_the_previous_file_and_its_own_at_exit(tmp_path, monkeypatch):
+    monkeypatch.setattr(rlkv_metrics.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv(rlkv_metrics.ENV_FILE, "")  # restored after the test
+    monkeypatch.setattr(rlkv_metrics.COLLECTOR, "plan", None)
+    monkeypatch.setattr(rlkv_metrics.COLLECTOR, "path", None)
+    monkeypatch.setattr(rlkv_metrics, "_owner_pid", None, raising=False)
+    plan = _plan(tmp_path, 0.5)
+    first = rlkv_metrics.publish_plan(plan)
+    assert os.path.exists(first) and os.environ[rlkv_metrics.ENV_FILE] == first
+    second = rlkv_metrics.publish_plan(plan)  # a second engine in the same process
+    assert not os.path.exists(first) and os.path.exists(second)
+    # a forked child inherits the exit hook; it must leave its parent's file alone
+    monkeypatch.setattr(rlkv_metrics, "_owner_pid", os.getpid() + 1)
+    rlkv_metrics._remove_at_exit()
+    assert os.path.exists(second)
+    monkeypatch.setattr(rlkv_metrics, "_owner_pid", os.getpid())
+    rlkv_metrics._remove_at_exit()
+    assert not os.path.exists(second)
