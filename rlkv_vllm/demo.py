@@ -29,11 +29,16 @@ def measure_stock_capacity(model: str, kv_bytes: int, max_model_len: int, max_nu
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rlkv demo", description=__doc__)
-    p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--model-dir", default=os.path.join(os.getcwd(), ".cache", "rlkv-tiny"))
-    p.add_argument("--kv-cache-bytes", type=int, default=128 << 20)
-    p.add_argument("--prompt", default="Ada has 3 apples and buys 4 more. How many apples does she have?")
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--sparsity", type=float, default=0.5,
+                   help="rlkv.sparsity: fraction of KV heads made streaming, in [0, 1) (default %(default)s)")
+    p.add_argument("--model-dir", default=os.path.join(os.getcwd(), ".cache", "rlkv-tiny"),
+                   help="where the tiny model is built (reused if present; default ./.cache/rlkv-tiny)")
+    p.add_argument("--kv-cache-bytes", type=int, default=128 << 20,
+                   help="KV budget (--kv-cache-memory-bytes) of both the RLKV server and stock vLLM "
+                        "(default %(default)s)")
+    p.add_argument("--prompt", default="Ada has 3 apples and buys 4 more. How many apples does she have?",
+                   help="the chat request's user message")
+    p.add_argument("--max-tokens", type=int, default=48, help="tokens to generate (default %(default)s)")
     a = p.parse_args(argv)
 
     from openai import OpenAI

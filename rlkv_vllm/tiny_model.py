@@ -171,12 +171,16 @@ def main() -> None:
     import argparse
 
     p = argparse.ArgumentParser(description="Build a tiny local model for RLKV tests and demos.")
-    p.add_argument("out_dir")
-    p.add_argument("--layers", type=int, default=TinyModelSpec.num_layers)
-    p.add_argument("--q-heads", type=int, default=TinyModelSpec.num_q_heads)
-    p.add_argument("--kv-heads", type=int, default=TinyModelSpec.num_kv_heads)
-    p.add_argument("--head-dim", type=int, default=TinyModelSpec.head_dim)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out_dir", help="directory to write the model into (kept if it already holds this spec)")
+    p.add_argument("--layers", type=int, default=TinyModelSpec.num_layers,
+                   help="decoder layers (default %(default)s)")
+    p.add_argument("--q-heads", type=int, default=TinyModelSpec.num_q_heads,
+                   help="query heads per layer, a multiple of --kv-heads (default %(default)s)")
+    p.add_argument("--kv-heads", type=int, default=TinyModelSpec.num_kv_heads,
+                   help="KV heads per layer (default %(default)s)")
+    p.add_argument("--head-dim", type=int, default=TinyModelSpec.head_dim,
+                   help="head size; one vLLM's CPU kernel supports, e.g. 32 or 64 (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default %(default)s)")
     a = p.parse_args()
     spec = TinyModelSpec(
         num_layers=a.layers, num_q_heads=a.q_heads, num_kv_heads=a.kv_heads, head_dim=a.head_dim, seed=a.seed
