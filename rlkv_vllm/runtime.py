@@ -24,7 +24,7 @@ from .ops.pools import StreamingPool, choose_pool
 from .ring import RingPool
 from .slots import SlotManager
 
-logger = logging.getLogger("rlkv_vllm")
+logger = compat.plugin_logger()
 
 
 def build_plan(vllm_config: Any, tp_rank: int | None = None) -> RLKVPlan:
