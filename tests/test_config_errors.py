@@ -175,3 +175,120 @@ def test_cli_prints_one_line(tiny_model, good_pattern):
     assert proc.returncode != 0
     assert "rlkv: error: rlkv.sparsity = 2 is not allowed: must be a number in [0, 1)" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+# ------------------------------------------------ CPU start without a KV budget, start-up summary
+@pytest.fixture
+def plugin_log(monkeypatch):
+    """Lines the plugin logs, as "LEVEL message". (vLLM re-applies its logging config now and
+    then, which drops handlers of child loggers, so the logger is replaced, not listened to;
+    that the lines reach vLLM's handler is tests/test_server.py's.)"""
+    from rlkv_vllm import plugin
+
+    lines: list[str] = []
+
+    class Recorder:
+        def info(self, msg: str, *args) -> None:
+            lines.append("INFO " + (msg % args if args else msg))
+
+        def warning(self, msg: str, *args) -> None:
+            lines.append("WARNING " + (msg % args if args else msg))
+
+    monkeypatch.setattr(plugin, "logger", Recorder())
+    return lines
+
+
+def engine_config(model, rlkv, **overrides):
+    """The engine config the front-end builds (plugin hooks included), without starting an engine."""
+    from vllm import EngineArgs
+
+    return EngineArgs(**engine_kwargs(model, rlkv, **overrides)).create_engine_config()
+
+
+def needs_cpu() -> None:
+    if not compat_is_cpu():
+        pytest.skip("the CPU platform's KV budget rule")
+
+
+PAGED_BPT = 8 * 2 * 32 * 4  # 8 of the tiny model's 16 KV heads full at sparsity 0.5, fp32
+
+
+def test_cpu_without_budget_picks_one(tiny_model, good_pattern, plugin_log, monkeypatch):
+    needs_cpu()
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    cfg = engine_config(tiny_model, {"heads": good_pattern}, kv_cache_memory_bytes=None)
+    # engine_kwargs: 16 requests x 2048 tokens, a multiple of CPU_ATTN's 128-token blocks
+    assert cfg.cache_config.kv_cache_memory_bytes == 16 * 2048 * PAGED_BPT
+    picked = [line for line in plugin_log if "no KV budget set" in line]
+    assert len(picked) == 1, plugin_log
+    assert "enough for 16 requests x 2048 tokens" in picked[0] and "--kv-cache-memory-bytes" in picked[0]
+
+
+def test_cpu_without_budget_capped_by_free_ram(tiny_model, good_pattern, plugin_log, monkeypatch):
+    needs_cpu()
+    from rlkv_vllm import plugin
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setattr(plugin, "_free_ram_bytes", lambda: 100 << 20)
+    cfg = engine_config(tiny_model, {"heads": good_pattern}, kv_cache_memory_bytes=None)
+    budget_line = next(line for line in plugin_log if "RLKV KV budget" in line)
+    ring = int(budget_line.split("(")[-1].split(" B,")[0])
+    assert cfg.cache_config.kv_cache_memory_bytes == (25 << 20) - ring
+    assert any("capped at 0.25 of the 100.0 MiB RAM free" in line for line in plugin_log)
+
+
+def test_cpu_without_budget_too_little_ram(tiny_model, good_pattern, monkeypatch):
+    needs_cpu()
+    from rlkv_vllm import plugin
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setattr(plugin, "_free_ram_bytes", lambda: 8 << 20)
+    with pytest.raises(RLKVConfigError) as e:
+        engine_config(tiny_model, {"heads": good_pattern}, kv_cache_memory_bytes=None)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "kv_cache_memory_bytes = None is not allowed" in msg and "max_model_len = 2048" in msg
+    assert "set --kv-cache-memory-bytes" in msg
+
+
+def test_cpu_budget_from_env_or_fraction_kept(tiny_model, good_pattern, plugin_log, monkeypatch):
+    """VLLM_CPU_KVCACHE_SPACE is a budget; an explicit --gpu-memory-utilization is the user's choice."""
+    needs_cpu()
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    cfg = engine_config(tiny_model, {"heads": good_pattern}, kv_cache_memory_bytes=None)
+    budget_line = next(line for line in plugin_log if "RLKV KV budget" in line)
+    assert budget_line.startswith("INFO RLKV KV budget 1.00 GiB = paged")
+    assert cfg.cache_config.kv_cache_memory_bytes < 1 << 30
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    plugin_log.clear()
+    cfg = engine_config(tiny_model, {"heads": good_pattern}, kv_cache_memory_bytes=None, gpu_memory_utilization=0.5)
+    assert cfg.cache_config.kv_cache_memory_bytes is None
+    assert not any("no KV budget set" in line for line in plugin_log)
+    assert any("paged cache sized by vLLM from --gpu-memory-utilization" in line for line in plugin_log)
+
+
+def test_summary_lines(tiny_model, tmp_path, plugin_log, monkeypatch):
+    """Sparsity asked vs effective, layers with no full head, the budget split, kernels, warnings."""
+    from rlkv_vllm import runtime
+
+    gates = random_gates(4, 4, seed=0)
+    gates[1] = 0.0  # layer 1 keeps no full head
+    pattern = write_pattern(str(tmp_path / "p.json"), gates)
+    real = runtime.build_plan
+
+    def with_warning(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        plan.warnings = ["a test warning"]  # what RLKVPlan.warnings will carry
+        return plan
+
+    monkeypatch.setattr(runtime, "build_plan", with_warning)
+    engine_config(tiny_model, {"heads": pattern, "sparsity": 0.99})
+    text = "\n".join(plugin_log)
+    assert "sparsity 0.99 asked -> 0.9375 effective (whole heads: 15 of 16 streaming)" in text
+    assert "KV heads 1 full (paged), 15 streaming (ring, 16 sink + 64 recent tokens)" in text
+    kept = int(gates.max(axis=1).argmax())  # the layer of the one full head
+    empty = ", ".join(str(i) for i in range(4) if i != kept)
+    assert f"layers with no full head: 3 of 4 (layers {empty})" in text
+    assert "RLKV KV budget 64.0 MiB = paged" in text and "+ streaming ring" in text
+    assert "RLKV kernels:" in text
+    assert "WARNING RLKV: a test warning" in text
