@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -27,6 +28,22 @@ def measure_stock_capacity(model: str, kv_bytes: int, max_model_len: int, max_nu
     return tokens
 
 
+def failure_reason(log_text: str) -> str:
+    """The line of a server log that says why it stopped: RLKV's one-line error, else the first
+    ``SomethingError: ...`` line that ends a traceback (vLLM's later ones only say that an earlier
+    one happened)."""
+    lines = log_text.splitlines()
+    for line in lines:
+        if line.startswith("rlkv: error:"):
+            return line
+    for line in lines:
+        # a traceback's last line, bare or behind vLLM's "(proc) ERROR date [file:line] " prefix
+        m = re.search(r"(?:^|\] )([A-Z]\w*(?:Error|Exception): .*)", line)
+        if m:
+            return m.group(1)
+    return lines[-1] if lines else "(the log is empty)"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rlkv demo", description=__doc__)
     p.add_argument("--sparsity", type=float, default=0.5,
@@ -39,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default="Ada has 3 apples and buys 4 more. How many apples does she have?",
                    help="the chat request's user message")
     p.add_argument("--max-tokens", type=int, default=48, help="tokens to generate (default %(default)s)")
+    p.add_argument("--server-log", default=os.path.join(os.getcwd(), ".cache", "rlkv-demo-server.log"),
+                   help="where the server's output goes")
+    p.add_argument("--build-only", action="store_true",
+                   help="only build the tiny model and its head pattern (rlkv_pattern.json), print their paths")
     a = p.parse_args(argv)
 
     from openai import OpenAI
@@ -51,23 +72,43 @@ def main(argv: list[str] | None = None) -> int:
     build_tiny_model(a.model_dir, spec)
     pattern = os.path.join(a.model_dir, "rlkv_pattern.json")
     random_pattern(spec).save(pattern)
-    print(f"[rlkv demo] tiny model ready in {a.model_dir} ({time.time() - t0:.1f}s); starting server...", flush=True)
+    if a.build_only:
+        print(f"[rlkv demo] tiny model: {a.model_dir}\n[rlkv demo] head pattern: {pattern}")
+        return 0
+    print(f"[rlkv demo] tiny model ready in {a.model_dir} ({time.time() - t0:.1f}s)", flush=True)
+    print(f"[rlkv demo] starting server, log: {a.server_log}", flush=True)
 
     rlkv = {"heads": pattern, "sparsity": a.sparsity}
     max_len, max_seqs = 2048, 16
     extra = ["--dtype", "float32", "--max-model-len", str(max_len), "--max-num-seqs", str(max_seqs),
              "--kv-cache-memory-bytes", str(a.kv_cache_bytes)]
-    with start_server(a.model_dir, rlkv=rlkv, extra_args=extra) as server:
+    os.makedirs(os.path.dirname(os.path.abspath(a.server_log)), exist_ok=True)
+    try:
+        server = start_server(a.model_dir, rlkv=rlkv, extra_args=extra, log_path=a.server_log)
+    except (RuntimeError, TimeoutError) as e:
+        reason = str(e).split(" (log:")[0]
+        if isinstance(e, RuntimeError):  # it exited: one line of its log says why
+            with open(a.server_log, errors="replace") as f:
+                reason = failure_reason(f.read())
+        print(f"[rlkv demo] the server did not start: {reason}\n[rlkv demo] its log: {a.server_log}",
+              file=sys.stderr)
+        return 1
+    with server:
         print(f"[rlkv demo] server up at {server.base_url} ({time.time() - t0:.1f}s)", flush=True)
-        client = OpenAI(base_url=server.base_url + "/v1", api_key="none")
-        reply = client.chat.completions.create(
-            model="tiny",
-            messages=[{"role": "user", "content": a.prompt}],
-            max_tokens=a.max_tokens,
-            temperature=0.0,
-        )
-        answer = reply.choices[0].message.content
-        metrics = parse_prometheus(server.get("/metrics"))
+        try:
+            client = OpenAI(base_url=server.base_url + "/v1", api_key="none")
+            reply = client.chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": a.prompt}],
+                max_tokens=a.max_tokens,
+                temperature=0.0,
+            )
+            answer = reply.choices[0].message.content
+            metrics = parse_prometheus(server.get("/metrics"))
+        except Exception as e:  # noqa: BLE001 - a first run: one line and where to look
+            print(f"[rlkv demo] the request failed: {type(e).__name__}: {e}\n"
+                  f"[rlkv demo] the server's log: {a.server_log}", file=sys.stderr)
+            return 1
 
     cache = metrics.get("vllm:cache_config_info", [({}, 0)])[0][0]
     blocks, block_size = int(cache.get("num_gpu_blocks", 0)), int(cache.get("block_size", 0))

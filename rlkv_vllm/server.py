@@ -87,14 +87,14 @@ def start_server(
     deadline = time.time() + startup_timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
+            raise RuntimeError(f"server exited with {proc.returncode} (log: {log_path}):\n{server.log()[-4000:]}")
         try:
             server.get("/health", timeout=2)
             return server
         except OSError:
             time.sleep(0.5)
     server.stop()
-    raise TimeoutError(f"server did not start in {startup_timeout}s:\n{server.log()[-4000:]}")
+    raise TimeoutError(f"server did not start in {startup_timeout}s (log: {log_path}):\n{server.log()[-4000:]}")
 
 
 def parse_prometheus(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
