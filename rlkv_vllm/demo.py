@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{bpt['rlkv']} B/token paged + {ring / 2**20:.2f} MiB ring)")
     print(f"  stock : {stock_tokens:>8,d} tokens  (stock vLLM started with the same settings; {bpt['stock']} B/token)")
     print(f"  KV capacity gain over stock vLLM: {rlkv_tokens / max(1, stock_tokens):.2f}x")
+    print()
+    print("Next: serve it yourself: `source .venv/bin/activate`, then the README's `rlkv serve` and curl lines.")
     return 0
 
 

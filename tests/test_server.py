@@ -155,6 +155,21 @@ def test_metrics(server):
     assert all(name.startswith("rlkv:") for name in m if name.startswith("rlkv")), sorted(m)
 
 
+def test_startup_summary_in_server_log(server):
+    """The plugin's lines reach vLLM's handler: the server log carries the start-up summary."""
+    lines = [line for line in server.log().splitlines() if "RLKV" in line]
+    text = "\n".join(lines)
+    assert "sparsity 0.5 (effective 0.5), global selection" in text, text
+    assert ("KV heads 8 full (paged), 8 streaming (ring, 4 sink + 8 recent tokens); "
+            "layers with no full head: none") in text
+    ring = (MAX_SEQS + 1) * (4 + 8) * 8 * 2 * 32 * 4  # (slots + scratch) x window x streaming heads x K,V
+    assert f"RLKV KV budget 64.0 MiB = paged {((64 << 20) - ring) / 2**20:.1f} MiB (2048 B/token vs stock 4096)" in text
+    assert f"+ streaming ring 0.2 MiB ({ring} B, {MAX_SEQS + 1} slots x 12 tokens)" in text
+    assert "RLKV kernels:" in text
+    assert "no KV budget set" not in text  # the budget was given
+    assert "RLKV ring pool" in text  # the worker's line too (runtime's logger)
+
+
 def test_clean_stop_removes_metrics_file(server):
     """After every test that uses the server: it stops it (a later one would start a new one)."""
     (path,) = glob.glob(os.path.join(server.tmpdir, "rlkv-metrics-*.bin"))

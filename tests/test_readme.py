@@ -1,0 +1,133 @@
+"""The README's first hour, as printed: reach ``rlkv`` in .venv, build the tiny model, serve it
+with RLKV, one curl request. Blocks are found by their marker comment (``<!-- first-hour: NAME -->``
+right before a fenced bash block) and run in bash from the repo root, as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from rlkv_vllm.demo import failure_reason
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+PORT = 8000  # vLLM's default, which the README's curl line uses
+STARTUP_S = 300
+
+
+def first_hour_blocks() -> dict[str, str]:
+    text = open(README, encoding="utf-8").read()
+    found = re.findall(r"<!-- first-hour: (\w+) -->\s*```bash\n(.*?)```", text, flags=re.S)
+    return dict(found)
+
+
+def test_blocks_are_marked():
+    blocks = first_hour_blocks()
+    assert set(blocks) == {"setup", "serve", "client"}
+    assert "source .venv/bin/activate" in blocks["setup"]
+    serve = blocks["serve"].strip().splitlines()
+    # one command (the test backgrounds it), with the model and pattern the setup block builds
+    assert serve[0].startswith("rlkv serve ") and all(line.endswith("\\") for line in serve[:-1])
+    assert ".cache/rlkv-tiny/rlkv_pattern.json" in blocks["serve"] and "--port" not in blocks["serve"]
+    assert f"localhost:{PORT}/" in blocks["client"]
+
+
+def test_failure_reason_finds_the_cause():
+    """What the demo prints when its server does not start: the root cause, not the last line."""
+    log = "\n".join([
+        "(APIServer pid=1) WARNING x [system_utils.py:255] fd limit errors like `OSError: [Errno 24]`",
+        "(VllmWorker-0 pid=2) ERROR x [multiproc_executor.py:953] ValueError: Available memory on node 0",
+        "(EngineCore pid=3) ERROR x [core.py:1510] RuntimeError: Engine core initialization failed.",
+    ])
+    assert failure_reason(log) == "ValueError: Available memory on node 0"
+    assert failure_reason("noise\nrlkv: error: rlkv.sparsity = 2 is not allowed\nmore") == (
+        "rlkv: error: rlkv.sparsity = 2 is not allowed")
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _fresh_env() -> dict[str, str]:
+    """The caller's environment as a new user's shell has it: no rlkv on PATH, no test-only
+    vLLM settings (conftest runs engines in-process; users run the default multi-process one)."""
+    env = dict(os.environ)
+    for key in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VIRTUAL_ENV", "LD_PRELOAD", "VLLM_CPU_KVCACHE_SPACE"):
+        env.pop(key, None)
+    path = env.get("PATH", "").split(os.pathsep)
+    env["PATH"] = os.pathsep.join(d for d in path if d and not os.path.exists(os.path.join(d, "rlkv")))
+    return env
+
+
+def _stop_group(pgid: int, timeout: float = 60) -> None:
+    """Stop the script's whole process group (bash, the server, vLLM's engine processes)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_first_hour_commands_as_printed(tmp_path):
+    if not os.path.isdir(os.path.join(ROOT, ".venv")):
+        pytest.skip("no .venv at the repo root: scripts/setup.sh (or scripts/test.sh) creates it")
+    if _port_taken(PORT):
+        pytest.skip(f"port {PORT} is taken on this machine; the README's curl line needs it")
+    blocks = first_hour_blocks()
+    log, answer = str(tmp_path / "server.log"), str(tmp_path / "answer.json")
+    script = "\n".join([
+        "set -eo pipefail",
+        blocks["setup"],
+        # the serve block is one command: send its output to the log and run it in the background
+        blocks["serve"].rstrip() + f' > "{log}" 2>&1 &',
+        "server=$!",
+        f"for _ in $(seq {STARTUP_S}); do",
+        f"  curl -sf localhost:{PORT}/health >/dev/null && break",
+        '  kill -0 "$server" 2>/dev/null || { echo "the server exited" >&2; exit 3; }',
+        "  sleep 1",
+        "done",
+        f"curl -sf localhost:{PORT}/health >/dev/null || {{ echo 'no /health in {STARTUP_S}s' >&2; exit 4; }}",
+        blocks["client"].rstrip() + f' > "{answer}"',
+    ])
+    t0 = time.time()
+    proc = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=_fresh_env(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=STARTUP_S + 180)
+    except subprocess.TimeoutExpired:
+        out = "(timed out)"
+    finally:
+        _stop_group(proc.pid)
+    server_log = open(log, errors="replace").read() if os.path.exists(log) else ""
+    where = f"script output:\n{out[-3000:]}\nserver log {log}, cause: {failure_reason(server_log)}"
+    assert proc.returncode == 0, where
+    reply = json.load(open(answer))
+    choice = reply["choices"][0]
+    assert isinstance(choice["text"], str) and reply["usage"]["completion_tokens"] > 0, reply
+    # the plugin's start-up summary reaches the server log, budget line first on CPU
+    lines = [line for line in server_log.splitlines() if "RLKV" in line]
+    for piece in ("RLKV serve (.cache/rlkv-tiny): sparsity 0.5 (effective 0.5)", "RLKV KV budget",
+                  "RLKV kernels:"):
+        assert any(piece in line for line in lines), (piece, lines)
+    from rlkv_vllm.compat import is_cpu_platform
+
+    if is_cpu_platform():
+        picked = [line for line in lines if "no KV budget set on CPU" in line]
+        assert len(picked) == 1 and "enough for 16 requests x 2048 tokens" in picked[0], lines
+    print(f"README first hour: {time.time() - t0:.0f}s")
