@@ -182,7 +182,8 @@ def _pick_cpu_kv_budget(vllm_config: Any, plan: Any) -> int:
             f"{_gib(plan.ring_nbytes)} ring); set --kv-cache-memory-bytes (or VLLM_CPU_KVCACHE_SPACE, "
             "in GiB) or lower --max-model-len"
         )
-    fits = "enough for" if budget == want else f"capped at {CPU_KV_RAM_FRACTION:g} of the {_gib(free)} RAM free; wanted"
+    fits = "enough for" if budget == want else (
+        f"capped at {CPU_KV_RAM_FRACTION:g} of the {_gib(free)} RAM free; wanted")
     logger.info(
         "RLKV: no KV budget set on CPU (--kv-cache-memory-bytes, VLLM_CPU_KVCACHE_SPACE): using %s, "
         "%s %d requests x %d tokens + the ring; set --kv-cache-memory-bytes to choose",
