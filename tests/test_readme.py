@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -87,6 +88,8 @@ def _stop_group(pgid: int, timeout: float = 60) -> None:
 def test_first_hour_commands_as_printed(tmp_path):
     if not os.path.isdir(os.path.join(ROOT, ".venv")):
         pytest.skip("no .venv at the repo root: scripts/setup.sh (or scripts/test.sh) creates it")
+    if shutil.which("curl") is None:
+        pytest.skip("no curl on this machine: the README's client line is a curl call")
     if _port_taken(PORT):
         pytest.skip(f"port {PORT} is taken on this machine; the README's curl line needs it")
     blocks = first_hour_blocks()
