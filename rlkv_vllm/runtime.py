@@ -7,7 +7,6 @@ pool, the slot manager and the gate buffer.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 

@@ -183,7 +183,7 @@ def plugin_log(monkeypatch):
     """Lines the plugin logs, as "LEVEL message". (vLLM re-applies its logging config now and
     then, which drops handlers of child loggers, so the logger is replaced, not listened to;
     that the lines reach vLLM's handler is tests/test_server.py's.)"""
-    from rlkv_vllm import plugin
+    from rlkv_vllm import plugin, startup
 
     lines: list[str] = []
 
@@ -195,6 +195,7 @@ def plugin_log(monkeypatch):
             lines.append("WARNING " + (msg % args if args else msg))
 
     monkeypatch.setattr(plugin, "logger", Recorder())
+    monkeypatch.setattr(startup, "logger", plugin.logger)
     return lines
 
 
@@ -226,10 +227,10 @@ def test_cpu_without_budget_picks_one(tiny_model, good_pattern, plugin_log, monk
 
 def test_cpu_without_budget_capped_by_free_ram(tiny_model, good_pattern, plugin_log, monkeypatch):
     needs_cpu()
-    from rlkv_vllm import plugin
+    from rlkv_vllm import compat
 
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    monkeypatch.setattr(plugin, "_free_ram_bytes", lambda: 100 << 20)
+    monkeypatch.setattr(compat, "cpu_worker_free_memory", lambda: 100 << 20)
     cfg = engine_config(tiny_model, {"heads": good_pattern}, kv_cache_memory_bytes=None)
     budget_line = next(line for line in plugin_log if "RLKV KV budget" in line)
     ring = int(budget_line.split("(")[-1].split(" B,")[0])
@@ -239,10 +240,10 @@ def test_cpu_without_budget_capped_by_free_ram(tiny_model, good_pattern, plugin_
 
 def test_cpu_without_budget_too_little_ram(tiny_model, good_pattern, monkeypatch):
     needs_cpu()
-    from rlkv_vllm import plugin
+    from rlkv_vllm import compat
 
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    monkeypatch.setattr(plugin, "_free_ram_bytes", lambda: 8 << 20)
+    monkeypatch.setattr(compat, "cpu_worker_free_memory", lambda: 8 << 20)
     with pytest.raises(RLKVConfigError) as e:
         engine_config(tiny_model, {"heads": good_pattern}, kv_cache_memory_bytes=None)
     msg = str(e.value)
