@@ -18,6 +18,7 @@ what it needs; with RLKV off they behave exactly as stock.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,13 +232,38 @@ class RLKVBuilderMixin:
     def _rlkv_adapt_stock_builder(self, kv_cache_spec: Any, vllm_config: Any) -> None:
         """Platform hook: tell the stock builder the head counts its kernel really sees."""
 
+    # True while a stock builder method runs: its own calls of self.build must build stock metadata
+    _rlkv_stock_call: bool = False
+
     def build(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False) -> Any:
-        if self.rlkv_runtime is None:
+        if self.rlkv_runtime is None or self._rlkv_stock_call:
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
         full = None
         if self._rlkv_pages_heads():
             full = super().build(common_prefix_len, common_attn_metadata, fast_build)
         return self._rlkv_wrap(common_attn_metadata, full)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: Any) -> Any:
+        """The stock builders adjust their own metadata for capture (TRITON_ATTN sets seq_lens to
+        1 after self.build): let them, on stock metadata, then wrap it."""
+        if self.rlkv_runtime is None:
+            return super().build_for_cudagraph_capture(common_attn_metadata)
+        full = None
+        if self._rlkv_pages_heads():
+            self._rlkv_stock_call = True
+            try:
+                full = super().build_for_cudagraph_capture(common_attn_metadata)
+            finally:
+                self._rlkv_stock_call = False
+        return self._rlkv_wrap(common_attn_metadata, full)
+
+    def update_block_table(self, metadata: Any, blk_table: torch.Tensor, slot_mapping: torch.Tensor) -> Any:
+        """vLLM reuses one group's metadata for another group of the same spec with its own block
+        table (where the stock builder supports it): update the stock part and our rows."""
+        if self.rlkv_runtime is None or not isinstance(metadata, RLKVMetadata):
+            return super().update_block_table(metadata, blk_table, slot_mapping)
+        full = None if metadata.full is None else super().update_block_table(metadata.full, blk_table, slot_mapping)
+        return dataclasses.replace(metadata, full=full, rows=dataclasses.replace(metadata.rows, slot_mapping=slot_mapping))
 
     def _rlkv_find_runtime(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any) -> None:
         layers = compat.attention_layers(vllm_config, layer_names)
