@@ -134,3 +134,21 @@ def test_first_hour_commands_as_printed(tmp_path):
         picked = [line for line in lines if "no KV budget set on CPU" in line]
         assert len(picked) == 1 and "enough for 16 requests x 2048 tokens" in picked[0], lines
     print(f"README first hour: {time.time() - t0:.0f}s")
+
+
+@pytest.mark.slow
+def test_quickstart_as_printed():
+    """The README's first command: set up (idempotent here), serve the tiny model with RLKV, one chat
+    request, the KV capacity gain against stock vLLM measured with the same settings."""
+    if not os.path.isdir(os.path.join(ROOT, ".venv")):
+        pytest.skip("no .venv at the repo root: scripts/setup.sh (or scripts/test.sh) creates it")
+    text = open(README, encoding="utf-8").read()
+    assert "bash scripts/quickstart.sh" in text.split("```")[1]  # the README's first block
+    proc = subprocess.run(["bash", "scripts/quickstart.sh"], cwd=ROOT, env=_fresh_env(), capture_output=True,
+                          text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    log = re.search(r"log: (\S+)", out)
+    assert log and os.path.isfile(log.group(1)), "the demo prints where its server log is"
+    gain = re.search(r"KV capacity gain over stock vLLM: ([0-9.]+)x", out)
+    assert gain and float(gain.group(1)) > 1.5, out[-2000:]  # sparsity 0.5: about 1.96x

@@ -170,6 +170,20 @@ def test_startup_summary_in_server_log(server):
     assert "RLKV ring pool" in text  # the worker's line too (runtime's logger)
 
 
+
+def test_log_names_the_platform_backend(server):
+    """The log names the backend that runs here, not the CUDA one or vLLM's 'Cannot use CUSTOM'."""
+    from rlkv_vllm.compat import is_cpu_platform
+
+    log = server.log()
+    if is_cpu_platform():
+        assert "rlkv_vllm.backends.cpu.RLKVCpuBackend" in log
+        assert "RLKVCudaBackend" not in log
+        assert "Cannot use AttentionBackendEnum.CUSTOM backend on CPU" not in log
+        assert "RLKV on CPU: rlkv_vllm.backends.cpu.RLKVCpuBackend" in log
+    else:
+        assert "rlkv_vllm.backends.cuda.RLKVCudaBackend" in log and "RLKVCpuBackend" not in log
+
 def test_clean_stop_removes_metrics_file(server):
     """After every test that uses the server: it stops it (a later one would start a new one)."""
     (path,) = glob.glob(os.path.join(server.tmpdir, "rlkv-metrics-*.bin"))
