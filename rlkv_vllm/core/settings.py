@@ -158,6 +158,13 @@ def _as_full_heads(value: Any) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(set(pairs)))
 
 
+def _as_choice(raw: dict[str, Any], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = raw.get(name, default)
+    if value not in allowed:
+        raise config_error(name, value, f"must be one of {', '.join(allowed)}")
+    return value
+
+
 def parse_settings(raw: Any, base_dir: str | None = None) -> RLKVSettings:
     """Validate the ``rlkv`` section of ``additional_config``.
 
@@ -177,23 +184,11 @@ def parse_settings(raw: Any, base_dir: str | None = None) -> RLKVSettings:
             f"rlkv.{unknown[0]} is not a known setting: allowed keys are {', '.join(_KEYS)}"
         )
 
-    selection = raw.get("selection", "global")
-    if selection not in SELECTIONS:
-        raise config_error("selection", selection, f"must be one of {', '.join(SELECTIONS)}")
-    mode = raw.get("mode", "serve")
-    if mode not in MODES:
-        raise config_error("mode", mode, f"must be one of {', '.join(MODES)}")
-
-    kernel = raw.get("kernel", "auto")
-    if kernel not in KERNELS:
-        raise config_error("kernel", kernel, f"must be one of {', '.join(KERNELS)}")
-
-    full_kernel = raw.get("full_kernel", "auto")
-    if full_kernel not in FULL_KERNELS:
-        raise config_error("full_kernel", full_kernel, f"must be one of {', '.join(FULL_KERNELS)}")
-    decode_kernel = raw.get("decode_kernel", "auto")
-    if decode_kernel not in DECODE_KERNELS:
-        raise config_error("decode_kernel", decode_kernel, f"must be one of {', '.join(DECODE_KERNELS)}")
+    selection = _as_choice(raw, "selection", "global", SELECTIONS)
+    mode = _as_choice(raw, "mode", "serve", MODES)
+    kernel = _as_choice(raw, "kernel", "auto", KERNELS)
+    full_kernel = _as_choice(raw, "full_kernel", "auto", FULL_KERNELS)
+    decode_kernel = _as_choice(raw, "decode_kernel", "auto", DECODE_KERNELS)
     if decode_kernel == "cuda" and kernel == "torch":
         raise config_error("decode_kernel", decode_kernel,
                            "the CUDA decode kernel runs with rlkv.kernel = 'triton' or 'auto', not 'torch'")
