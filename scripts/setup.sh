@@ -29,7 +29,9 @@ if ! .venv/bin/python -c "import vllm" >/dev/null 2>&1; then
   fi
 fi
 $PIP install -q pytest pytest-timeout openai requests
-$PIP install -q --no-build-isolation --no-deps -e .
+# the package with the trainer's extra (ray, math-verify, ...); vLLM is not a dependency, so pip
+# leaves the one installed above alone
+$PIP install -q --no-build-isolation -e ".[train]"
 .venv/bin/python -c "import rlkv_vllm, vllm; print('[setup] vllm', vllm.__version__, '+ rlkv-vllm', rlkv_vllm.__version__)"
 rm -f .venv/.rlkv-setup-*
 touch "$stamp"

@@ -1,0 +1,6 @@
+"""rlkv_trainer: learn RLKV's per-(layer, KV head) gates with RL, rolling out with vLLM in gated mode.
+
+Installed as ``rlkv_trainer`` from the top-level ``trainer/`` folder (``pip install rlkv-vllm[train]``).
+It imports ``rlkv_vllm.core`` (settings, patterns, the plan, the oracle and its batched form) and talks to
+vLLM only through the public ``LLM`` API, the attention-backend flag and the worker extension's RPCs.
+"""
