@@ -500,6 +500,50 @@ def _patch_runner() -> None:
     Runner._dummy_run = _dummy_run
 
 
+# ------------------------------------------------------------ collective_rpc
+# RPCs whose first argument is a gate grid: numpy arrays and tensors do not survive the trip to an
+# out-of-process engine core (msgspec turns them into a (dtype, shape, data) triple whose data is a
+# buffer index or a memoryview the executor cannot pickle on to its workers), so the caller's side
+# turns them into nested Python floats first
+GATE_RPCS = ("rlkv_set_gates",)
+
+
+def _gates_as_rows(method: Any, args: Any) -> Any:
+    if method in GATE_RPCS and args:
+        from .core.gates import gate_rows
+
+        return (gate_rows(args[0]), *tuple(args)[1:])
+    return args
+
+
+def _patch_collective_rpc() -> None:
+    """LLM.collective_rpc and AsyncLLM.collective_rpc (signature (method, timeout, args, kwargs) in
+    0.26-0.33) send the gate RPCs' arrays as nested lists."""
+    from vllm import LLM
+
+    classes: list[type] = [LLM]
+    try:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        classes.append(AsyncLLM)
+    except ImportError:  # pragma: no cover - every supported release has it
+        pass
+    for cls in classes:
+        orig = cls.collective_rpc
+        if getattr(orig, "_rlkv_wrapped", False):
+            continue
+
+        def wrap(orig: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(orig)
+            def collective_rpc(self, method, timeout=None, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                return orig(self, method, timeout, _gates_as_rows(method, args), kwargs)
+
+            collective_rpc._rlkv_wrapped = True  # type: ignore[attr-defined]
+            return collective_rpc
+
+        cls.collective_rpc = wrap(orig)
+
+
 # -------------------------------------------------------------- engine args
 def _patch_engine_args(on_config: Callable[[Any], None], before: Callable[[Any], None]) -> None:
     from vllm.engine.arg_utils import EngineArgs
@@ -562,4 +606,5 @@ def install(on_config: Callable[[Any], None], before: Callable[[Any], None]) -> 
         _patch_get_kv_cache_spec()
         _patch_runner()
         _patch_engine_args(on_config, before)
+        _patch_collective_rpc()
         _installed = True

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from . import compat
+from .core.gates import checked_gates
 from .core.patterns import local_kv_heads
 from .core.plan import RLKVPlan
 from .core.plan import build_plan as core_build_plan
@@ -99,16 +100,10 @@ class RLKVRuntime:
         return self.ring
 
     def set_gates(self, gates: Any) -> float:
-        """Replace alpha in place; gates: [L, H_kv] (global heads). Returns the checksum."""
-        g = np.asarray(gates, dtype=np.float32)
-        if g.shape != (self.plan.shape.num_layers, self.plan.shape.num_kv_heads):
-            raise ValueError(
-                f"gates must have shape {self.plan.shape.num_layers} x {self.plan.shape.num_kv_heads}, "
-                f"got {g.shape}"
-            )
-        if not np.all(np.isfinite(g)):
-            raise ValueError("gates hold NaN or inf")
-        self.gates.copy_(self._local_gates(np.clip(g, 0.0, 1.0)).to(self.gates.device))
+        """Replace alpha in place; gates: [L, H_kv] (global heads) as nested lists, numpy, torch or
+        vLLM's msgpack triple of a small array (see core.gates). Returns the checksum."""
+        g = checked_gates(gates, self.plan.shape.num_layers, self.plan.shape.num_kv_heads)
+        self.gates.copy_(self._local_gates(g).to(self.gates.device))
         return self.gates_checksum()
 
     def gates_checksum(self) -> float:
