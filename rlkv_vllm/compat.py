@@ -32,7 +32,7 @@ import threading
 import weakref
 from typing import Any, Callable, Iterator
 
-from .core.settings import ModelShape, RLKVConfigError, parse_settings
+from .core.settings import ModelShape, RLKVConfigError
 
 BACKEND_NAME = "RLKV"
 CUDA_BACKEND_PATH = "rlkv_vllm.backends.cuda.RLKVCudaBackend"
@@ -579,7 +579,6 @@ def prepare_engine_args(args: Any) -> bool:
         attn_cfg.backend = custom
     else:
         args.attention_backend = custom
-    mode = parse_settings(rlkv_section(args)).mode
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip() in ("1", "true", "True"):
         raise RLKVConfigError(
             "VLLM_USE_V2_MODEL_RUNNER = 1 is not allowed with --attention-backend rlkv: "
@@ -587,12 +586,7 @@ def prepare_engine_args(args: Any) -> bool:
         )
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     if getattr(args, "enable_prefix_caching", None) is None:
-        args.enable_prefix_caching = False
-    elif args.enable_prefix_caching and mode == "serve":
-        raise RLKVConfigError(
-            "enable_prefix_caching = True is not allowed with rlkv.mode = 'serve': a prefix-cache "
-            "hit restores only the paged full heads, not the streaming ring; turn it off"
-        )
+        args.enable_prefix_caching = False  # asked for explicitly, the startup check refuses it
     return True
 
 

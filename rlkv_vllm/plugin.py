@@ -145,15 +145,17 @@ def _check_model(vllm_config: Any, plan: Any) -> None:
         size = int(getattr(vllm_config.parallel_config, name, 1) or 1)
         if size > 1:
             raise RLKVConfigError(f"{name} = {size} is not allowed with RLKV: use 1 (tensor parallelism is supported)")
-    if plan.serve and vllm_config.speculative_config is not None:
+    # both modes keep streaming windows in the ring (gated: every head's streaming branch)
+    mode = plan.settings.mode
+    if vllm_config.speculative_config is not None:
         raise RLKVConfigError(
-            "speculative_config is not allowed with rlkv.mode = 'serve': rejected draft tokens would "
-            "overwrite ring entries still in the recent window; use mode 'gated' or turn it off"
+            f"speculative_config is not allowed with RLKV (rlkv.mode = '{mode}'): rejected draft tokens "
+            "would overwrite ring entries still in the recent window; turn it off"
         )
-    if plan.serve and getattr(vllm_config.cache_config, "enable_prefix_caching", False):
+    if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
         raise RLKVConfigError(
-            "enable_prefix_caching = True is not allowed with rlkv.mode = 'serve': a prefix-cache hit "
-            "restores only the paged full heads, not the streaming ring; turn it off"
+            f"enable_prefix_caching = True is not allowed with RLKV (rlkv.mode = '{mode}'): a prefix-cache "
+            "hit restores only paged blocks, not the streaming ring; turn it off"
         )
     get_sw = getattr(mc, "get_sliding_window", None)
     sw = get_sw() if callable(get_sw) else None

@@ -128,6 +128,12 @@ def test_prefix_caching_with_serve_mode(tiny_model, good_pattern):
     assert "enable_prefix_caching = True" in msg and "turn it off" in msg
 
 
+def test_prefix_caching_with_gated_mode(tiny_model, good_pattern):
+    """Gated mode reads every head's streaming window from the ring too: a hit would skip writing it."""
+    msg = refused(tiny_model, {"heads": good_pattern, "mode": "gated"}, enable_prefix_caching=True)
+    assert "enable_prefix_caching = True" in msg and "rlkv.mode = 'gated'" in msg and "turn it off" in msg
+
+
 def test_no_full_head(tiny_model, tmp_path):
     p = write_pattern(str(tmp_path / "zeros.tsv"), [[0.0] * 4] * 4)
     msg = refused(tiny_model, {"heads": p, "selection": "explicit"})

@@ -36,7 +36,7 @@ def _oracle_attention_fn(module: Any, query: torch.Tensor, key: torch.Tensor, va
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
         scale=scaling if scaling is not None else d**-0.5,
         sink=spec.get("sink", 16), recent=spec.get("recent", 64),
-        alpha=spec.get("alpha"), full_heads=spec.get("full"),
+        alpha=None if spec.get("alpha") is None else spec["alpha"][spec["layer"]], full_heads=spec.get("full"),
         attention_mask=attention_mask, compute_dtype=spec.get("compute_dtype"),
     )
     return out, None
@@ -88,7 +88,9 @@ def install_oracle(
     for layer, mod in enumerate(attention_modules(model)):
         spec: dict[str, Any] = {"sink": sink, "recent": recent, "compute_dtype": compute_dtype}
         if alpha is not None:
-            spec["alpha"] = alpha[layer]
+            # the whole [L, H_kv] tensor, indexed at each forward: a Parameter updated in place
+            # (optimiser step, clamp) is read afresh and its gradient flows every time
+            spec["alpha"], spec["layer"] = alpha, layer
         elif full_mask is not None:
             spec["full"] = torch.as_tensor(full_mask[layer], dtype=torch.bool)
         mod.rlkv_spec = spec
