@@ -66,7 +66,7 @@ setup(
     # cannot collide with anyone's "trainer" package
     packages=find_packages(include=["rlkv_vllm", "rlkv_vllm.*"]) + ["rlkv_trainer"],
     package_dir={"rlkv_trainer": "trainer"},
-    package_data={"rlkv_trainer": ["configs/*.yaml"]},
+    package_data={"rlkv_trainer": ["configs/*.yaml", "configs/*.jsonl"]},
     install_requires=[
         "numpy",
         "safetensors",

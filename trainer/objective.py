@@ -41,7 +41,7 @@ import torch
 
 from .config import ObjectiveConfig
 
-# added to the std before dividing (AReaL's masked_normalization uses the same)
+# added to the std before dividing (AReaL's NormConfig default)
 ADV_EPS = 1e-5
 
 __all__ = [
@@ -65,21 +65,22 @@ def map_rewards(raw: torch.Tensor, scale: float = 10.0, bias: float = -0.5) -> t
 
 def batch_advantages(rewards: torch.Tensor, lengths: torch.Tensor, eps: float = ADV_EPS) -> torch.Tensor:
     """The reference's baseline: each sequence's reward standing for all its tokens, normalised by
-    the token-weighted mean and (biased) std over the whole batch.
+    the mean and std over all the batch's response tokens (AReaL's adv_norm at batch level:
+    token-weighted, std unbiased over the N tokens, eps added to the std).
 
     rewards: [B] mapped rewards; lengths: [B] response tokens per sequence (the weights).
-    Returns [B]: ``(r_i - mean) / (std + eps)``; all zeros when every counted reward is equal.
+    Returns [B]: ``(r_i - mean) / (std + eps)`` with ``mean = sum(len_i r_i) / N`` and
+    ``std = sqrt(sum(len_i (r_i - mean)^2) / (N - 1))``; all zeros when every counted reward is equal.
     """
     r = _float(rewards)
     w = lengths.to(r.dtype)
     total = w.sum()
-    if total <= 0:
+    counted = w > 0
+    # exact test, no tolerance: equal rewards carry no signal (and a single token has no std)
+    if total <= 1 or r[counted].max() == r[counted].min():
         return torch.zeros_like(r)
     mean = (w * r).sum() / total
-    std = ((w * (r - mean) ** 2).sum() / total).sqrt()
-    counted = w > 0
-    if r[counted].max() == r[counted].min():  # exact test: equal rewards carry no signal
-        return torch.zeros_like(r)
+    std = ((w * (r - mean) ** 2).sum() / (total - 1)).sqrt()
     return (r - mean) / (std + eps)
 
 
