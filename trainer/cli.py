@@ -14,7 +14,9 @@ import sys
 from dataclasses import dataclass, replace
 from typing import NoReturn, Sequence
 
-from .config import TrainConfig, TrainConfigError, config_to_dict, config_to_yaml, load_config, parse_config
+from .config import (
+    TrainConfig, TrainConfigError, check_paths, config_to_dict, config_to_yaml, load_config, parse_config,
+)
 
 PROG = "rlkv train"
 
@@ -55,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="a Ray cluster to join (overrides ray.address; default: local Ray)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder: checkpoints, logs, the pattern file")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config as YAML, then exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and print the resolved config as YAML, then exit (model and data paths are not "
+                        "checked, so the recipes' placeholders pass)")
     return p
 
 
@@ -69,6 +73,8 @@ def parse_train_args(argv: Sequence[str]) -> TrainArgs:
         # re-validated as a whole: the address changes which resource checks apply
         ray = replace(config.ray, address=a.address)
         config = parse_config(config_to_dict(replace(config, ray=ray)))
+    if not a.dry_run:
+        check_paths(config)
     out_dir = os.path.abspath(os.path.expanduser(a.out)) if a.out is not None else None
     return TrainArgs(config=config, config_path=os.path.abspath(a.config), out_dir=out_dir,
                      address=a.address, resume=a.resume, dry_run=a.dry_run)

@@ -28,7 +28,7 @@ __all__ = [
     "TrainConfig", "TrainConfigError", "ModelConfig", "DataConfig", "SamplingConfig", "RolloutConfig",
     "LearnerConfig", "ObjectiveConfig", "RewardConfig", "OptimConfig", "TimeoutsConfig", "RunConfig",
     "RayConfig", "parse_config", "load_config", "apply_overrides", "config_to_dict", "config_to_yaml",
-    "check_data_fields", "CONFIG_DIR", "shipped_configs",
+    "check_data_fields", "check_paths", "data_format", "with_model_path", "CONFIG_DIR", "shipped_configs",
 ]
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -554,6 +554,32 @@ def check_data_fields(config: TrainConfig, fields: Collection[str], source: str)
                            f"{source} has no such field (fields: {have}); {why} grades against answers"
                            + ("; use reward.kind = 'agreement' for data without answers"
                               if config.reward.kind == "correctness" else ""))
+
+
+DATA_ENDINGS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+
+
+def data_format(config: TrainConfig) -> str:
+    """``data.format``, with "auto" resolved from the file's ending (raises if it cannot be)."""
+    if config.data.format != "auto":
+        return config.data.format
+    ending = os.path.splitext(config.data.path or "")[1].lower()
+    if ending not in DATA_ENDINGS:
+        raise config_error("data.format", "auto", f"cannot tell the format of {config.data.path!r} from its ending; "
+                                                  f"set data.format to one of {', '.join(DATA_ENDINGS.values())}")
+    return DATA_ENDINGS[ending]
+
+
+def check_paths(config: TrainConfig) -> None:
+    """The start-of-run check that the model and the prompt file exist (not part of validation, so the
+    shipped recipes, whose paths are placeholders, validate and ``--dry-run`` anywhere)."""
+    path = config.model.path
+    if path is not None and not config.model.tiny and not os.path.isfile(os.path.join(path, "config.json")):
+        raise config_error("model.path", path, "no model directory with a config.json there; set it with "
+                                               "--set model.path=DIR (the shipped recipes carry a placeholder)")
+    if not os.path.isfile(config.data.path or ""):
+        raise config_error("data.path", config.data.path, "no such file; set it with --set data.path=FILE")
+    data_format(config)
 
 
 def shipped_configs() -> list[str]:

@@ -54,3 +54,10 @@ def test_errors_are_one_line_with_status_2(capsys, argv, message):
 def test_help_exits_0(capsys):
     assert main(["--help"]) == 0
     assert "--config" in capsys.readouterr().out
+
+
+def test_a_placeholder_model_path_is_refused_without_dry_run(capsys, tmp_path):
+    llama = os.path.join(CONFIG_DIR, "deepseek-r1-distill-llama-8b.yaml")
+    assert main(["--config", llama, "--out", str(tmp_path)]) == 2
+    assert "train.model.path = '/path/to/DeepSeek-R1-Distill-Llama-8B' is not allowed" in capsys.readouterr().err
+    assert main(["--config", llama, "--dry-run"]) == 0

@@ -9,8 +9,8 @@ import os
 import pytest
 
 from rlkv_trainer.config import (
-    CONFIG_DIR, TrainConfig, TrainConfigError, apply_overrides, check_data_fields, config_to_dict, config_to_yaml,
-    load_config, parse_config, shipped_configs,
+    CONFIG_DIR, TrainConfig, TrainConfigError, apply_overrides, check_data_fields, check_paths, config_to_dict,
+    config_to_yaml, data_format, load_config, parse_config, shipped_configs, with_model_path,
 )
 
 TINY = os.path.join(CONFIG_DIR, "tiny.yaml")
@@ -65,27 +65,27 @@ def test_shipped_config_loads_and_round_trips(path, tmp_path):
     assert load_config(str(dumped)) == c
 
 
-@pytest.mark.parametrize("name, beta, tau, sampling", [
-    ("deepseek-r1-distill-llama-8b", 1e-3, 0.5, (1.0, 1.0, -1)),
-    ("deepseek-r1-distill-qwen-7b", 1e-3, 0.55, (1.0, 1.0, -1)),
-    ("qwen3-4b-thinking-2507", 2.5e-3, 0.5, (0.6, 0.95, 20)),
+@pytest.mark.parametrize("model_id, beta, tau, sampling", [
+    ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", 1e-3, 0.5, (1.0, 1.0, -1)),
+    ("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", 1e-3, 0.55, (1.0, 1.0, -1)),
+    ("Qwen/Qwen3-4B-Thinking-2507", 2.5e-3, 0.5, (0.6, 0.95, 20)),
 ])
-def test_recipes_per_model(name, beta, tau, sampling):
-    c = load_config(os.path.join(CONFIG_DIR, f"{name}.yaml"))
+def test_recipes_per_model(model_id, beta, tau, sampling):
+    c = load_config(os.path.join(CONFIG_DIR, model_id.split("/")[1].lower() + ".yaml"))
+    assert c.model.model_id == model_id
     assert (c.objective.beta, c.objective.tau) == (beta, tau)
     s = c.rollout.sampling
     assert (s.temperature, s.top_p, s.top_k) == sampling
     assert (s.max_new_tokens, s.group_size, c.rollout.prompts_per_step, c.run.epochs) == (7168, 4, 32, 2)
-    assert (c.optim.lr, c.optim.weight_decay, c.objective.clip, c.objective.ratio_threshold) == (1e-2, 0.017, 0.4, 5.0)
+    assert (c.optim.lr, c.optim.weight_decay) == (1e-2, 0.017)
+    assert (c.objective.clip, c.objective.ratio_threshold) == (0.4, 5.0)
     assert c.model.path.startswith("/path/to/")  # a placeholder the user replaces
-    assert c.model.model_id.endswith(name.replace("qwen3-4b-thinking-2507", "Qwen3-4B-Thinking-2507")
-                                     .replace("deepseek-r1-distill-llama-8b", "DeepSeek-R1-Distill-Llama-8B")
-                                     .replace("deepseek-r1-distill-qwen-7b", "DeepSeek-R1-Distill-Qwen-7B"))
 
 
-def test_tiny_config_is_a_cpu_smoke_run():
+def test_tiny_config_is_a_cpu_smoke_run(tmp_path):
     c = load_config(TINY)
     assert c.model.tiny and c.model.path is None
+    assert with_model_path(c, str(tmp_path)).model.path == str(tmp_path)  # what the trainer does once it is built
     assert c.run.steps == 2
     assert c.learner.device == "cpu" and c.learner.attention == "batched"
     assert c.rollout.num_gpus_per_worker == 0 and c.ray.num_gpus == 0
@@ -102,7 +102,8 @@ def test_tiny_config_is_a_cpu_smoke_run():
 def test_set_overrides_nested_and_typed(tmp_path):
     c = load_config(TINY, [
         "rollout.sampling.top_k=20", "objective.clip=0.3", "rollout.colocate=true", "rollout.num_gpus_per_worker=0.5",
-        "learner.num_gpus=0.5", "ray.num_gpus=1", "optim.betas=[0.9, 0.95]", "optim.lr=1e-3", "ray.object_store_memory=100MiB",
+        "learner.num_gpus=0.5", "ray.num_gpus=1", "optim.betas=[0.9, 0.95]", "optim.lr=1e-3",
+        "ray.object_store_memory=100MiB",
         "run.steps=null", "data.system_prompt=Think step by step.", "objective.correction=tis",
     ])
     assert c.rollout.sampling.top_k == 20 and isinstance(c.rollout.sampling.top_k, int)
@@ -163,9 +164,12 @@ BAD = [
     ("rollout.sampling.temperature=0", "train.rollout.sampling.temperature = 0 is not allowed: must be a number > 0"),
     ("rollout.sampling.top_p=1.5", "train.rollout.sampling.top_p = 1.5 is not allowed: must be a number in (0, 1]"),
     ("rollout.sampling.top_p=0", "train.rollout.sampling.top_p = 0 is not allowed: must be a number in (0, 1]"),
-    ("rollout.sampling.top_k=0", "train.rollout.sampling.top_k = 0 is not allowed: must be -1 (off) or an integer >= 1"),
-    ("rollout.sampling.top_k=-2", "train.rollout.sampling.top_k = -2 is not allowed: must be -1 (off) or an integer >= 1"),
-    ("rollout.sampling.group_size=2.5", "train.rollout.sampling.group_size = 2.5 is not allowed: must be an integer >= 1"),
+    ("rollout.sampling.top_k=0", "train.rollout.sampling.top_k = 0 is not allowed: must be -1 (off) or an "
+                                 "integer >= 1"),
+    ("rollout.sampling.top_k=-2", "train.rollout.sampling.top_k = -2 is not allowed: must be -1 (off) or an "
+                                  "integer >= 1"),
+    ("rollout.sampling.group_size=2.5", "train.rollout.sampling.group_size = 2.5 is not allowed: must be an "
+                                        "integer >= 1"),
     ("rollout.num_workers=true", "train.rollout.num_workers = True is not allowed: must be an integer >= 1"),
     ("rollout.sink=0", "train.rollout.sink = 0 is not allowed: must be an integer >= 1"),
     ("rollout.gpu_memory_utilization=0", "train.rollout.gpu_memory_utilization = 0 is not allowed: "
@@ -200,7 +204,8 @@ BAD = [
     ("run.steps=0", "train.run.steps = 0 is not allowed: must be an integer >= 1, or null (run the epochs)"),
     ("run.timeouts.sync_s=-5", "train.run.timeouts.sync_s = -5 is not allowed: must be a number > 0"),
     ("ray.num_cpus=0", "train.ray.num_cpus = 0 is not allowed: must be an integer >= 1, or null (the machine's)"),
-    ("ray.address=''", "train.ray.address = '' is not allowed: must be a Ray address string, or null (start a local Ray)"),
+    ("ray.address=''", "train.ray.address = '' is not allowed: must be a Ray address string, or null "
+                       "(start a local Ray)"),
     ("data.prompt_template=hello", "train.data.prompt_template = 'hello' is not allowed: "
                                    'must be a string containing "{prompt}"'),
     ("data.format=csv", "train.data.format = 'csv' is not allowed: must be one of auto, jsonl, json, parquet"),
@@ -235,7 +240,8 @@ CROSS = [
     (["reward.kind=plugin"], "train.reward.plugin = None is not allowed: reward.kind = \"plugin\" needs the function"),
     (["reward.kind=plugin", "reward.plugin=not a path"],
      "train.reward.plugin = 'not a path' is not allowed: must be a dotted path"),
-    (["data.filter_n=2", "data.filter_k=3"], "train.data.filter_k = 3 is not allowed: must be at most data.filter_n = 2"),
+    (["data.filter_n=2", "data.filter_k=3"],
+     "train.data.filter_k = 3 is not allowed: must be at most data.filter_n = 2"),
     (["data.filter_n=4", "data.answer_key=null"],
      "train.data.filter_n = 4 is not allowed: the self-distillation filter grades against answers"),
     (["objective.advantage=group", "rollout.sampling.group_size=1"],
@@ -326,3 +332,21 @@ def test_check_data_fields():
     with pytest.raises(TrainConfigError, match="reward.kind = 'correctness' grades against answers; use reward.kind "
                                                "= 'agreement' for data without answers"):
         check_data_fields(graded, {"prompt"}, "p.jsonl")
+
+
+def test_check_paths(tmp_path):
+    check_paths(load_config(TINY))  # the tiny model is built by the trainer; its prompts ship
+    recipe = load_config(LLAMA)
+    with pytest.raises(TrainConfigError, match=r"^train.model.path = '/path/to/DeepSeek-R1-Distill-Llama-8B' is not "
+                                               r"allowed: no model directory with a config.json there"):
+        check_paths(recipe)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(TrainConfigError, match=r"^train.data.path = '/path/to/Sampled-Laser-Dataset.jsonl' is not "
+                                               r"allowed: no such file"):
+        check_paths(load_config(LLAMA, [f"model.path={tmp_path}"]))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("")
+    with pytest.raises(TrainConfigError, match=r"^train.data.format = 'auto' is not allowed: cannot tell the format"):
+        check_paths(load_config(LLAMA, [f"model.path={tmp_path}", f"data.path={prompts}"]))
+    assert data_format(load_config(LLAMA, [f"data.path={prompts}", "data.format=jsonl"])) == "jsonl"
+    assert data_format(load_config(TINY)) == "jsonl"
