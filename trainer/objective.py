@@ -132,14 +132,18 @@ class PolicyStats:
     masked_fraction: share whose sampler-to-learner weight exceeded the threshold ("mask").
     truncated_fraction: share whose weight was cut to the cap ("tis").
     clip_fraction: share where the clipped surrogate was the one taken.
+    nonfinite_fraction: share dropped because a log-prob was -inf or nan (e.g. a sampled token outside
+        the learner's top-k): they would turn the whole loss into nan.
     ratio_mean, ratio_max: the sampler-to-learner weight exp(proximal - sampler), before correction.
     logprob_diff_mean, logprob_diff_max: |learner - sampler| log-prob gap (verl's rollout-vs-train telemetry).
+    The ratio and gap statistics are over the tokens with finite log-probs.
     """
 
     tokens: int
     masked_fraction: float
     truncated_fraction: float
     clip_fraction: float
+    nonfinite_fraction: float
     ratio_mean: float
     ratio_max: float
     logprob_diff_mean: float
@@ -160,8 +164,8 @@ def policy_loss(
     proximal_logp: [*] the trust region's centre (default: ``logp`` detached).
     Per token: ``max(-A * rho, -A * clamp(rho, 1 - clip, 1 + clip)) * w`` with
     ``rho = exp(logp - proximal)`` and ``w = exp(proximal - sampler)``; "mask" sets w = 0 where
-    w > ratio_threshold (w equal to it is kept), "tis" uses min(w, tis_cap).
-    Returns (scalar loss = sum over ``mask`` / its count, stats).
+    w > ratio_threshold (w equal to it is kept), "tis" uses min(w, tis_cap). Tokens with a non-finite
+    log-prob contribute 0. Returns (scalar loss = sum over ``mask`` / its count, stats).
     """
     mask = mask.bool()
     lp = _float(logp)
@@ -169,42 +173,45 @@ def policy_loss(
     samp = _float(sampler_logp).detach()
     adv = _float(advantages).detach()
     count = int(mask.sum())
+    # where(), never multiply: padding (and a rare real token) may hold -inf / nan, and 0 * nan is nan
+    keep = mask & torch.isfinite(lp.detach()) & torch.isfinite(prox) & torch.isfinite(samp)
 
-    # where(), not multiply: padding may hold -inf / nan log-probs, and 0 * nan is nan
-    rho = torch.exp(torch.where(mask, lp - prox, 0.0))
+    rho = torch.exp(torch.where(keep, lp - prox, 0.0))
     surrogate = -adv * rho
     clipped_surrogate = -adv * torch.clamp(rho, 1.0 - clip, 1.0 + clip)
     per_token = torch.maximum(surrogate, clipped_surrogate)
-    clipped = (clipped_surrogate > surrogate) & mask
+    clipped = (clipped_surrogate > surrogate) & keep
 
     # compared in log space so a weight exactly at the threshold is kept whatever the dtype
-    log_w = torch.where(mask, prox - samp, 0.0)
+    log_w = torch.where(keep, prox - samp, 0.0)
     if correction == "mask":
-        masked = (log_w > math.log(ratio_threshold)) & mask
+        masked = (log_w > math.log(ratio_threshold)) & keep
         truncated = torch.zeros_like(mask)
         weight = torch.where(masked, 0.0, torch.exp(log_w))
     elif correction == "tis":
         masked = torch.zeros_like(mask)
-        truncated = (log_w > math.log(tis_cap)) & mask
+        truncated = (log_w > math.log(tis_cap)) & keep
         weight = torch.exp(torch.clamp(log_w, max=math.log(tis_cap)))
     else:
         raise ValueError(f"correction {correction!r}: must be 'mask' or 'tis'")
 
-    loss = torch.where(mask, per_token * weight, 0.0).sum() / max(count, 1)
+    loss = torch.where(keep, per_token * weight, 0.0).sum() / max(count, 1)
 
     with torch.no_grad():
         n = max(count, 1)
-        w_all = torch.exp(log_w[mask])
-        gap = (lp.detach() - samp).abs()[mask]
+        w_kept = torch.exp(log_w[keep])
+        gap = (lp.detach() - samp).abs()[keep]
+        any_kept = bool(w_kept.numel())
         stats = PolicyStats(
             tokens=count,
             masked_fraction=int(masked.sum()) / n,
             truncated_fraction=int(truncated.sum()) / n,
             clip_fraction=int(clipped.sum()) / n,
-            ratio_mean=float(w_all.mean()) if count else 0.0,
-            ratio_max=float(w_all.max()) if count else 0.0,
-            logprob_diff_mean=float(gap.mean()) if count else 0.0,
-            logprob_diff_max=float(gap.max()) if count else 0.0,
+            nonfinite_fraction=(count - int(keep.sum())) / n,
+            ratio_mean=float(w_kept.mean()) if any_kept else 0.0,
+            ratio_max=float(w_kept.max()) if any_kept else 0.0,
+            logprob_diff_mean=float(gap.mean()) if any_kept else 0.0,
+            logprob_diff_max=float(gap.max()) if any_kept else 0.0,
         )
     return loss, stats
 

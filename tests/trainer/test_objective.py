@@ -179,6 +179,21 @@ def test_tis_cap_boundary(dtype):
     assert learner.grad.tolist() == pytest.approx([-2 / 3, -2 / 3, -0.01 / 3], rel=1e-5)
 
 
+def test_a_non_finite_log_prob_is_dropped_not_nan():
+    # the last real token of row 1: the learner gives the sampled token probability 0 (outside its top-k)
+    learner, sampler = _batch()
+    learner = learner.detach().clone()
+    learner[1, 2] = -math.inf
+    learner.requires_grad_(True)
+    loss, st = policy_loss(learner, sampler, _adv(), MASK)
+    loss.backward()
+    # as test_policy_loss_mask_by_hand without row 1's third token (w = 1); the denominator stays 6
+    assert loss.item() == pytest.approx((-(1 + 1.5) * A1 - 0.5 * A2 - 3 * A2) / 6, rel=1e-12)
+    assert torch.isfinite(learner.grad).all() and learner.grad[1, 2] == 0
+    assert st.nonfinite_fraction == pytest.approx(1 / 6)
+    assert st.ratio_mean == pytest.approx((1 + 1.5 + 0.5 + 6 + 3) / 5, rel=1e-12)
+
+
 def test_policy_loss_low_precision_inputs_compute_in_float32():
     learner, sampler = _batch()
     loss16, _ = policy_loss(learner.detach().to(torch.bfloat16), sampler.to(torch.bfloat16),
@@ -319,10 +334,12 @@ def test_micro_batch_scope_penalty_is_the_token_weighted_sum():
 
 
 def test_merge_stats():
-    a = LossStats(tokens=2, masked_fraction=0.5, truncated_fraction=0.0, clip_fraction=0.0, ratio_mean=1.0,
+    a = LossStats(tokens=2, masked_fraction=0.5, truncated_fraction=0.0, clip_fraction=0.0, nonfinite_fraction=0.0,
+                  ratio_mean=1.0,
                   ratio_max=3.0, logprob_diff_mean=0.1, logprob_diff_max=0.2, loss=0.25, pg_loss=1.0,
                   penalty=0.0, penalty_reward=0.0, penalty_on=0.0)
-    b = LossStats(tokens=6, masked_fraction=0.0, truncated_fraction=0.0, clip_fraction=0.5, ratio_mean=2.0,
+    b = LossStats(tokens=6, masked_fraction=0.0, truncated_fraction=0.0, clip_fraction=0.5, nonfinite_fraction=0.0,
+                  ratio_mean=2.0,
                   ratio_max=2.0, logprob_diff_mean=0.3, logprob_diff_max=0.9, loss=0.5, pg_loss=-1.0,
                   penalty=0.4, penalty_reward=1.0, penalty_on=1.0)
     m = merge_stats([a, b])
