@@ -80,7 +80,7 @@ class DataConfig:
     """
 
     path: str | None = knob(None, Rule("must be the path of a prompt file"), path=True,
-                            null="not allowed: a prompt file is required")
+                            null="the default; a run needs a file")
     format: Literal["auto", "jsonl", "json", "parquet"] = "auto"
     prompt_key: str = "prompt"
     answer_key: str | None = knob("answer", null="the data has no answers")
