@@ -29,9 +29,9 @@ class SamplingSpec:
 
 
 def processed_logprobs(logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
-    """logits: [N, V] (any float dtype) -> float32 [N, V] log-probs of the sampled distribution
-    (-inf for truncated tokens). Differentiable in ``logits``."""
-    x = logits.float() / spec.temperature
+    """logits: [N, V] -> [N, V] log-probs of the sampled distribution (-inf for truncated tokens),
+    in float32 like vLLM's sampler (float64 for float64 logits). Differentiable in ``logits``."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / spec.temperature
     vocab = x.shape[-1]
     if spec.top_k != -1 and spec.top_k < vocab:
         kth = x.topk(spec.top_k, dim=-1).values[..., -1:]
@@ -46,5 +46,5 @@ def processed_logprobs(logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
-    """logits: [N, V]; tokens: [N] ids -> float32 [N], each token's log-prob under ``spec``."""
+    """logits: [N, V]; tokens: [N] ids -> [N], each token's log-prob under ``spec``."""
     return processed_logprobs(logits, spec).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,129 @@
+"""(a) The learner's differentiable path: alpha's gradient through the gated policy equals finite
+differences; micro-batches do not change the update; the batched attention in bf16 tracks the
+oracle as closely as stock attention's own bf16 error."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from rlkv_trainer.config import ObjectiveConfig
+from rlkv_trainer.learner import Learner, micro_batches
+from rlkv_trainer.objective import Objective
+from rlkv_trainer.policy import GatedPolicy, Sequence
+from rlkv_trainer.rollout import Sample
+from rlkv_trainer.sampling import SamplingSpec
+from rlkv_vllm.core.batched import gated_attention
+from rlkv_vllm.core.reference import oracle_attention
+
+SPEC = SamplingSpec(temperature=0.8, top_k=50, top_p=0.95)
+
+
+def _policy(tiny_model) -> GatedPolicy:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64)
+    return GatedPolicy(model, sink=2, recent=3)
+
+
+def _samples(seed: int, n: int = 6) -> list[Sample]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        prompt = [rng.randrange(7, 500) for _ in range(rng.randint(2, 9))]
+        completion = [rng.randrange(7, 500) for _ in range(rng.randint(1, 8))]
+        out.append(Sample(i // 2, prompt, completion, [-rng.uniform(0.5, 4.0) for _ in completion], "length", 0))
+    return out
+
+
+def _rms_norm_in_input_dtype(self, hidden_states):  # noqa: ANN001 - transformers' RMSNorm, without the float32
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def test_alpha_gradient_matches_finite_differences(tiny_model, monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    # transformers' RMSNorm computes in float32 even in a float64 model; its rounding (~1e-7
+    # relative, and it depends on alpha) would swamp a difference quotient: make the model all float64
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _rms_norm_in_input_dtype)
+    policy = _policy(tiny_model)
+    # float64 gates for the finite differences (the trainer keeps them float32)
+    policy.alpha.data = torch.rand(policy.alpha.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    seqs = [Sequence(s.prompt, s.completion) for s in _samples(1)]
+    weights = [torch.randn(len(s.completion), dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+               for i, s in enumerate(seqs)]
+
+    def f() -> torch.Tensor:
+        lps = policy.completion_logprobs(seqs, SamplingSpec(temperature=0.8))
+        return sum((w * lp.double()).sum() for w, lp in zip(weights, lps))
+
+    policy.alpha.grad = None
+    f().backward()
+    grad = policy.alpha.grad.clone()
+    assert grad.abs().max() > 1e-3
+    h = 1e-5
+    for layer, head in [(0, 0), (1, 3), (2, 1), (3, 2)]:
+        with torch.no_grad():
+            base = float(policy.alpha[layer, head])
+            policy.alpha[layer, head] = base + h
+            up = float(f())
+            policy.alpha[layer, head] = base - h
+            down = float(f())
+            policy.alpha[layer, head] = base
+        fd = (up - down) / (2 * h)
+        assert abs(fd - float(grad[layer, head])) < 1e-6 * max(1.0, abs(fd)), (layer, head, fd, grad[layer, head])
+
+
+def test_micro_batches_do_not_change_the_update(tiny_model):
+    samples = _samples(2, n=8)
+    rewards = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    after = []
+    for budget in (10_000, 13):
+        assert len(micro_batches(samples, budget)) == (1 if budget > 1000 else len(micro_batches(samples, 13)))
+        policy = _policy(tiny_model)
+        learner = Learner(policy, Objective(ObjectiveConfig(beta=1e-2, tau=0.1)), spec=SPEC, lr=1e-2,
+                          weight_decay=0.017, micro_batch_tokens=budget)
+        stats = learner.step(samples, rewards)
+        assert stats["finite"] and stats["response_tokens"] == sum(len(s.completion) for s in samples)
+        after.append(policy.alpha.detach().clone())
+    assert len(micro_batches(samples, 13)) > 3
+    torch.testing.assert_close(after[0], after[1], rtol=0, atol=1e-10)
+    assert (after[0] != 1.0).any()  # the step moved the gates
+
+
+def test_state_dict_round_trip(tiny_model):
+    samples, rewards = _samples(4), [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+    a = Learner(_policy(tiny_model), Objective(ObjectiveConfig()), spec=SPEC, lr=1e-2, weight_decay=0.017)
+    a.step(samples, rewards)
+    b = Learner(_policy(tiny_model), Objective(ObjectiveConfig()), spec=SPEC, lr=1e-2, weight_decay=0.017)
+    b.load_state_dict(a.state_dict())
+    a.step(samples, rewards), b.step(samples, rewards)
+    torch.testing.assert_close(a.policy.alpha, b.policy.alpha, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("group", [1, 4, 7])
+def test_batched_attention_in_bf16_tracks_the_oracle(group):
+    """bf16 inputs: our error against the float64 oracle is at most stock attention's own bf16 error
+    (torch SDPA in bf16 on the same inputs, causal, every head full) times a small factor."""
+    gen = torch.Generator().manual_seed(group)
+    b, t, hk, d = 3, 40, 2, 32
+    q = torch.randn(b, t, hk * group, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, t, hk, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, t, hk, d, generator=gen, dtype=torch.float64)
+    alpha = torch.rand(hk, generator=gen)
+    scale = d**-0.5
+    truth_full = torch.stack([oracle_attention(q[i], k[i], v[i], scale=scale) for i in range(b)])
+    truth = torch.stack([oracle_attention(q[i], k[i], v[i], scale=scale, alpha=alpha, sink=3, recent=5)
+                         for i in range(b)])
+    qb, kb, vb = (x.to(torch.bfloat16) for x in (q, k, v))
+    rep = lambda x: x.repeat_interleave(group, dim=2).transpose(1, 2)  # noqa: E731 - [B, Hq, T, D]
+    stock = torch.nn.functional.scaled_dot_product_attention(qb.transpose(1, 2), rep(kb), rep(vb), is_causal=True,
+                                                             scale=scale).transpose(1, 2)
+    ours = gated_attention(qb, kb, vb, scale=scale, sink=3, recent=5, alpha=alpha)
+    assert ours.dtype == torch.bfloat16
+    err_stock = float((stock.double() - truth_full).abs().max())
+    err_ours = float((ours.double() - truth).abs().max())
+    assert err_ours <= 2.0 * err_stock + 1e-3, (err_ours, err_stock)
