@@ -290,7 +290,21 @@ def _worker_entry() -> None:
     """``python -c`` entry of a worker: argv = [sys.path JSON, socket fd, options JSON]."""
     options = json.loads(sys.argv[3])
     conn = multiprocessing.connection.Connection(int(sys.argv[2]))
+    if options["max_memory_mb"]:
+        _limit_memory(options["max_memory_mb"])
     _worker_main(conn, options["think_end"], options["soft_timeout_s"], options["worker_fn"])
+
+
+def _limit_memory(megabytes: int) -> None:
+    """Cap the worker's address space, so an answer like ``2^{2^{34}}`` fails with MemoryError (scored
+    ``"error"``) instead of taking the host's memory from the rollout engine."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    want = megabytes << 20
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (want, hard))
 
 
 def _worker_main(conn: multiprocessing.connection.Connection, think_end: str | None, soft_timeout_s: float,
@@ -389,9 +403,11 @@ class Grader:
         worker_fn: ``"module:function"`` replacing :func:`grade_one` in the workers (custom kinds; tests),
             called as ``fn(item, think_end) -> Verdict``.
         start_timeout_s: how long a new worker may take to import math-verify and report ready.
+        max_memory_mb: address-space limit of each worker (``RLIMIT_AS``); ``None`` for none.
 
     Workers start on first use (or :meth:`start`). Calls from several threads are serialised by a lock: one
-    batch at a time uses all workers. Use as a context manager or call :meth:`close`.
+    batch at a time uses all workers. Use as a context manager or call :meth:`close`. A Grader does not
+    pickle: create it where it grades (inside the Ray actor, not in the driver).
     """
 
     # consecutive failed starts, within one call, after which the remaining items are scored "error"
@@ -406,8 +422,9 @@ class Grader:
         think_end: str | None = None,
         worker_fn: str | None = None,
         start_timeout_s: float = 120.0,
+        max_memory_mb: int | None = 4096,
     ) -> None:
-        self.num_workers = num_workers or default_num_workers()
+        self.num_workers = num_workers if num_workers is not None else default_num_workers()
         if self.num_workers < 1:
             raise ValueError(f"Grader: num_workers must be >= 1, got {num_workers}")
         if timeout_s <= 0:
@@ -421,6 +438,7 @@ class Grader:
             resolve_callable(worker_fn)  # fail here, in one line, not three times in the workers
         self.worker_fn = worker_fn
         self.start_timeout_s = float(start_timeout_s)
+        self.max_memory_mb = max_memory_mb
         self._workers: list[_Worker | None] = [None] * self.num_workers
         self._lock = threading.Lock()
         self._closed = False
@@ -507,7 +525,8 @@ class Grader:
         Ray worker's whole entry module.
         """
         parent, child = socket.socketpair()
-        options = {"think_end": self.think_end, "soft_timeout_s": self.timeout_s, "worker_fn": self.worker_fn}
+        options = {"think_end": self.think_end, "soft_timeout_s": self.timeout_s, "worker_fn": self.worker_fn,
+                   "max_memory_mb": self.max_memory_mb}
         code = (f"import sys, json; sys.path[:0] = json.loads(sys.argv[1]); "
                 f"from {__name__} import _worker_entry; _worker_entry()")
         try:

@@ -16,7 +16,7 @@ from rlkv_trainer.grading import GradeItem, Verdict, grade_one
 
 def misbehave(item: GradeItem, think_end: str | None) -> Verdict:
     """``"HANG"``: sleep with SIGALRM blocked (like C code the alarm cannot interrupt); ``"CRASH"``: exit the
-    worker at once; ``"RAISE"``: raise; anything else: grade normally."""
+    worker at once; ``"RAISE"``: raise; ``"ALLOC"``: allocate 3 GiB; anything else: grade normally."""
     if item.completion == "HANG":
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
         time.sleep(600)
@@ -24,6 +24,8 @@ def misbehave(item: GradeItem, think_end: str | None) -> Verdict:
         os._exit(3)
     if item.completion == "RAISE":
         raise RuntimeError("boom")
+    if item.completion == "ALLOC":
+        bytearray(3 << 30)  # 3 GiB
     return grade_one(item, think_end)
 
 

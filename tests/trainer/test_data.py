@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import pytest
 
+from tests.trainer import EVAL
 from rlkv_trainer.data import (
     MATH_INSTRUCTION,
     DataError,
@@ -25,8 +26,6 @@ from rlkv_trainer.data import (
     with_reference_answers,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-EVAL = os.path.join(ROOT, "..", "shared", "data", "eval")
 
 
 def _write(path: Any, lines: Sequence[str]) -> str:

@@ -8,10 +8,11 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
+from tests.trainer import EVAL
 from rlkv_trainer.grading import (
     BAD_GOLD,
     ERROR,
@@ -29,9 +30,8 @@ from rlkv_trainer.grading import (
     resolve_callable,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-EVAL = os.path.join(ROOT, "..", "shared", "data", "eval")
 HOOKS = "tests.trainer.grading_hooks"
+pytestmark = pytest.mark.timeout(120)  # a pool that regresses into a hang fails instead
 # (10^7)! against 3: sympy evaluates the factorial in Python for minutes (measured > 40 s here)
 PATHOLOGICAL = GradeItem("The answer is \\boxed{3}.", "(10^{7})!", "math")
 
@@ -39,12 +39,6 @@ PATHOLOGICAL = GradeItem("The answer is \\boxed{3}.", "(10^{7})!", "math")
 def _rows(name: str) -> list[dict[str, Any]]:
     with open(os.path.join(EVAL, name)) as f:
         return [json.loads(line) for line in f]
-
-
-@pytest.fixture(scope="module")
-def grader() -> Iterator[Grader]:
-    with Grader(2) as g:
-        yield g
 
 
 # --- pure functions ----------------------------------------------------------------------------------------
@@ -202,6 +196,13 @@ def test_crashing_and_raising_items_score_error_and_the_rest_grade(grader: Grade
         assert "exit code 3" in verdicts[1].detail and "RuntimeError: boom" in verdicts[2].detail
         assert [v.correct for v in verdicts] == [True, False, False, True, False, False]
         assert g.restarts == 2
+
+
+def test_memory_limit_turns_a_huge_allocation_into_an_error_verdict() -> None:
+    with Grader(1, worker_fn=f"{HOOKS}:misbehave", max_memory_mb=1024) as g:
+        big, after = g.grade([GradeItem("ALLOC", "1"), GradeItem("\\boxed{1}", "1")])
+        assert big.status == ERROR and "MemoryError" in big.detail
+        assert after.correct and g.restarts == 0
 
 
 def test_a_killed_idle_worker_is_replaced(grader: Grader) -> None:

@@ -4,10 +4,11 @@ dense samples, and plug-ins resolved by dotted path with one-line errors."""
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
+from tests.trainer import EVAL
 from rlkv_trainer.data import PromptRecord, load_prompts, with_reference_answers
 from rlkv_trainer.grading import Grader
 from rlkv_trainer.rewards import (
@@ -23,15 +24,7 @@ from rlkv_trainer.rewards import (
     reference_answers,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-EVAL = os.path.join(ROOT, "..", "shared", "data", "eval")
 HERE = "tests.trainer.test_rewards"
-
-
-@pytest.fixture(scope="module")
-def grader() -> Iterator[Grader]:
-    with Grader(2) as g:
-        yield g
 
 
 def test_correctness_is_raw_binary_per_sample(grader: Grader) -> None:
