@@ -5,8 +5,8 @@ Two layers:
 - **Pure functions** (no time bound, safe in any thread): :func:`last_boxed`, :func:`extract_gsm8k_gold`,
   :func:`extract_gsm8k_answer`, :func:`gsm8k_equal`, :func:`extract_mmlu_pro_letter`, and
   :func:`grade_one`, which also runs math-verify and therefore belongs in a process that bounds its time.
-- **:class:`Grader`**: a pool of worker processes (fresh interpreters, nothing forked) that runs :func:`grade_one` with a soft and a hard
-  timeout per item. A timed-out or crashed grading comes back as a :class:`Verdict` with status
+- **:class:`Grader`**: a pool of worker processes (fresh interpreters, nothing forked) that runs
+  :func:`grade_one` with a soft and a hard timeout per item. A timed-out or crashed grading comes back as a :class:`Verdict` with status
   ``"timeout"`` or ``"error"`` and score 0; the pool replaces a dead or killed worker. It never raises a
   grading failure into the caller and never runs math-verify in the caller's process, so it works inside a
   threaded Ray actor (``max_concurrency > 1``), where math-verify's ``signal.alarm`` timeouts fail.
@@ -390,7 +390,7 @@ def default_num_workers() -> int:
 
 
 class Grader:
-    """Grade batches of :class:`GradeItem` in worker processes (fresh interpreters), each item under a hard timeout.
+    """Grade batches of :class:`GradeItem` in worker processes, each item under a soft and a hard timeout.
 
     Args:
         num_workers: worker processes (default :func:`default_num_workers`).
