@@ -6,10 +6,11 @@ Two layers:
   :func:`extract_gsm8k_answer`, :func:`gsm8k_equal`, :func:`extract_mmlu_pro_letter`, and
   :func:`grade_one`, which also runs math-verify and therefore belongs in a process that bounds its time.
 - **:class:`Grader`**: a pool of worker processes (fresh interpreters, nothing forked) that runs
-  :func:`grade_one` with a soft and a hard timeout per item. A timed-out or crashed grading comes back as a :class:`Verdict` with status
-  ``"timeout"`` or ``"error"`` and score 0; the pool replaces a dead or killed worker. It never raises a
-  grading failure into the caller and never runs math-verify in the caller's process, so it works inside a
-  threaded Ray actor (``max_concurrency > 1``), where math-verify's ``signal.alarm`` timeouts fail.
+  :func:`grade_one` with a soft and a hard timeout per item. A timed-out or crashed grading comes back as a
+  :class:`Verdict` with status ``"timeout"`` or ``"error"`` and score 0; the pool replaces a dead or killed
+  worker. It never raises a grading failure into the caller and never runs math-verify in the caller's
+  process, so it works inside a threaded Ray actor (``max_concurrency > 1``), where math-verify's
+  ``signal.alarm`` timeouts fail.
 
 Kinds and their conventions:
 
@@ -25,8 +26,8 @@ Kinds and their conventions:
   ``(?s).*#### ``, a trailing ``.``). Four deviations, each towards the intended number: the content of
   the last ``\\boxed{}`` is searched first when there is one (reasoning models box their answer); matches
   without a digit (``..``, ``$,``) are skipped; all trailing periods go (``12...`` is 12); and gold and
-  prediction compare as decimals, so ``18.00`` equals ``18`` (the harness compares strings). The gold may be GSM8K's full ``... #### 18`` answer or a
-  bare number.
+  prediction compare as decimals, so ``18.00`` equals ``18`` (the harness compares strings). The gold may be
+  GSM8K's full ``... #### 18`` answer or a bare number.
 - ``"mmlu_pro"``: the MMLU-Pro harness (TIGER-AI-Lab/MMLU-Pro, ``compute_accuracy.py``): the first
   ``answer is \\(?([A-J])\\)?``, else ``.*[aA]nswer:\\s*([A-J])``, else the last standalone letter A-J. When
   all fail the harness guesses at random; here the sample has no answer (score 0).
@@ -148,7 +149,7 @@ def extract_gsm8k_gold(answer: str) -> str | None:
 
 
 def extract_gsm8k_answer(completion: str) -> str | None:
-    """The completion's final number: from the last ``\\boxed{}`` if it holds one, else the last number (flexible-extract)."""
+    """The completion's final number: the last ``\\boxed{}``'s if it holds one, else the last (flexible-extract)."""
     boxed = last_boxed(completion)
     if boxed is not None:
         number = _last_number(boxed)
