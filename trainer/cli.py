@@ -81,9 +81,23 @@ def parse_train_args(argv: Sequence[str]) -> TrainArgs:
 
 
 def run(args: TrainArgs) -> int:
-    """Start the run (connected by the driver; until then a one-line refusal)."""
-    print(f"{PROG}: error: the training run is not connected yet; use --dry-run to check a config", file=sys.stderr)
-    return 2
+    """Run the training; a failure the user can act on is one line (status 2 for bad input, 1 for a
+    failed run), never a traceback from a worker."""
+    from .actors import WorkerError
+    from .data import DataError
+    from .rewards import RewardError
+    from .rollout import GateSyncError
+    from .run import Run
+
+    try:
+        Run(args.config, args.out_dir, resume=args.resume).run()
+    except (TrainConfigError, DataError, RewardError) as e:
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except (WorkerError, GateSyncError) as e:
+        print(f"{PROG}: failed: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
