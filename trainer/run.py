@@ -192,6 +192,8 @@ class Run:
             ray.get(learner.gates.remote(), timeout=t.startup_s)
             self._write_workers(pool)
             reward_fn = build_reward(cfg.reward.plugin if cfg.reward.kind == "plugin" else cfg.reward.kind, grader)
+            if cfg.data.filter_n > 0:
+                records = self._self_distillation(records, token_ids, pool, spec, grader)
             if cfg.reward.kind == "agreement":
                 records = self._reference_answers(records, token_ids, pool, spec, grader, reference_answers,
                                                   with_reference_answers)
@@ -280,6 +282,37 @@ class Run:
         with open(tmp, "w") as f:
             json.dump({"pids": pool.pids, "restarts": pool.restarts}, f)
         os.replace(tmp, os.path.join(self.out_dir, WORKERS_FILE))
+
+    def _self_distillation(self, records: list[Any], token_ids: dict[str, list[int]], pool: Any, spec: Any,
+                           grader: Any) -> list[Any]:
+        """Keep the prompts the model with every gate 1 solves in >= k of n samples (the paper's recipe),
+        cached by (data, model, k, n, sampling) under ``DIR/../.rlkv-filter`` so runs share it."""
+        from .data import FilterKey, data_fingerprint, self_distill_filter
+        from .rewards import CorrectnessReward
+
+        cfg, s = self.cfg, self.cfg.rollout.sampling
+        n, k = cfg.data.filter_n, cfg.data.filter_k
+        key = FilterKey(data_fingerprint(cfg.data.path), cfg.model.model_id or cfg.model.path, k, n,
+                        {**spec.vllm_kwargs(), "max_tokens": s.max_new_tokens, "seed": cfg.run.seed,
+                         "template": cfg.data.prompt_template, "system": cfg.data.system_prompt})
+
+        def correctness(recs: Any) -> dict[str, list[bool]]:
+            samples = pool.generate([token_ids[r.id] for r in recs], spec, n=n, max_tokens=s.max_new_tokens,
+                                    seeds=[stable_seed(cfg.run.seed, "filter", r.id) for r in recs])
+            texts: list[list[str]] = [[] for _ in recs]
+            for smp in samples:
+                texts[smp.prompt_index].append(self.tokenizer.decode(smp.completion, skip_special_tokens=True))
+            result = CorrectnessReward(grader)(list(zip(recs, texts)))
+            return {r.id: [v > 0.5 for v in rw] for r, rw in zip(recs, result.rewards)}
+
+        kept, hit = self_distill_filter(records, key, os.path.join(os.path.dirname(self.out_dir), ".rlkv-filter"),
+                                        correctness)
+        _say(f"self-distillation filter ({k} of {n}{', cached' if hit else ''}): {len(kept)} of {len(records)} "
+             "prompts kept")
+        if len(kept) < cfg.rollout.prompts_per_step:
+            raise TrainConfigError(f"train.data.filter_k = {k} is not allowed here: the filter keeps {len(kept)} "
+                                   f"prompts, fewer than rollout.prompts_per_step = {cfg.rollout.prompts_per_step}")
+        return kept
 
     def _reference_answers(self, records: list[Any], token_ids: dict[str, list[int]], pool: Any, spec: Any,
                            grader: Any, reference_answers: Any, with_reference_answers: Any) -> list[Any]:
