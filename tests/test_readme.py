@@ -152,3 +152,24 @@ def test_quickstart_as_printed():
     assert log and os.path.isfile(log.group(1)), "the demo prints where its server log is"
     gain = re.search(r"KV capacity gain over stock vLLM: ([0-9.]+)x", out)
     assert gain and float(gain.group(1)) > 1.5, out[-2000:]  # sparsity 0.5: about 1.96x
+
+
+@pytest.mark.slow
+def test_train_commands_as_printed(tmp_path):
+    """The README's training block: `rlkv train` on the tiny model writes a pattern `rlkv pattern` reads."""
+    if not os.path.isdir(os.path.join(ROOT, ".venv")):
+        pytest.skip("no .venv at the repo root: scripts/setup.sh (or scripts/test.sh) creates it")
+    text = open(README, encoding="utf-8").read()
+    block = re.search(r"<!-- readme-command: train -->\s*```bash\n(.*?)```", text, flags=re.S).group(1)
+    assert "rlkv train --config trainer/configs/tiny.yaml --out runs/tiny" in block
+    runs = os.path.join(ROOT, "runs", "tiny")
+    shutil.rmtree(runs, ignore_errors=True)
+    script = "set -eo pipefail\nsource .venv/bin/activate\nsource scripts/env.sh\n" + block
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, env=_fresh_env(), capture_output=True, text=True,
+                          timeout=900)
+    try:
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        assert "wrote" in proc.stderr and os.path.isfile(os.path.join(runs, "pattern.json"))
+        assert "sparsity 0.5" in proc.stdout and "full" in proc.stdout
+    finally:
+        shutil.rmtree(runs, ignore_errors=True)

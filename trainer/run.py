@@ -100,6 +100,9 @@ class Run:
         if cfg.run.staleness > 0:
             raise TrainConfigError(f"train.run.staleness = {cfg.run.staleness} is not allowed yet: asynchronous "
                                    "rollouts are not built; use 0 (synchronous)")
+        if cfg.rollout.sleep:
+            raise TrainConfigError("train.rollout.sleep = true is not allowed yet: vLLM sleep/wake between the "
+                                   "rollout and learner phases is not built; use false")
         if cfg.learner.attention == "flex":
             raise TrainConfigError("train.learner.attention = 'flex' is not allowed yet: the fused CUDA learner "
                                    "attention is not built; use 'batched' or 'auto'")
