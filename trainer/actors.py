@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from .rollout import RolloutEngine, Sample
@@ -57,6 +58,15 @@ def _shards(n: int, parts: int) -> list[tuple[int, int]]:
     return out
 
 
+@dataclass
+class PendingRollout:
+    """A submitted rollout: one Ray reference per worker, the call that redoes each, when it started."""
+
+    refs: list[Any]
+    calls: list[Any]
+    started: float
+
+
 class RolloutPool:
     """N rollout actors.
 
@@ -85,15 +95,32 @@ class RolloutPool:
         except ray.exceptions.GetTimeoutError:
             ray.cancel(ref, force=True)
             raise WorkerError(f"rollout worker {index} did not answer {what} within {timeout:.0f} s") from None
+        except ray.exceptions.RayTaskError as e:  # the method raised inside the worker: its own one line
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            raise WorkerError(f"rollout worker {index}: {what} failed: {type(cause).__name__}: "
+                              f"{' '.join(str(cause).split())[:500]}") from None
 
     def push(self, rows: list[list[float]], version: int) -> tuple[float, float]:
-        """Send the gates to every worker; returns (checksum, seconds). Each worker checks its checksum."""
-        t0 = time.perf_counter()
+        """Send the gates to every worker and wait; returns (checksum, seconds). Each worker checks its
+        checksum against the sender's."""
+        self.push_async(rows, version)
+        return self.settle()
+
+    def push_async(self, rows: list[list[float]], version: int) -> None:
+        """Queue the gates behind whatever each worker is doing (an actor runs one call at a time, so a
+        rollout in flight finishes with the gates it started with); ``settle`` waits for them."""
         self.gates, self.gate_version = rows, version
-        refs = [w.set_gates.remote(rows, version) for w in self.workers]
-        sums = [self._call_with_restart(i, refs[i], "set_gates", lambda i=i: self.workers[i].set_gates.remote(
-            rows, version)) for i in range(len(self.workers))]
-        return sums[0], time.perf_counter() - t0
+        self._push_started = time.perf_counter()
+        self._pending_pushes = [w.set_gates.remote(rows, version) for w in self.workers]
+
+    def settle(self) -> tuple[float, float]:
+        """Wait for the queued gate push; returns (checksum, seconds since it was queued)."""
+        refs, self._pending_pushes = getattr(self, "_pending_pushes", []), []
+        rows, version = self.gates, self.gate_version
+        sums = [self._call_with_restart(i, ref, "set_gates",
+                                        lambda i=i: self.workers[i].set_gates.remote(rows, version))
+                for i, ref in enumerate(refs)]
+        return (sums[0] if sums else 0.0), time.perf_counter() - getattr(self, "_push_started", time.perf_counter())
 
     def _resync(self, index: int) -> None:
         """A restarted worker: wait for its engine (Ray answers "restarting" until it is up), then give
@@ -129,20 +156,29 @@ class RolloutPool:
                 ref = again()
         raise AssertionError("unreachable")
 
-    def generate(self, prompts: list[list[int]], spec: SamplingSpec, *, n: int, max_tokens: int,
-                 seeds: list[int]) -> list[Sample]:
-        """``n`` samples per prompt, the prompts split over the workers; a dead worker's share is redone."""
+    def submit(self, prompts: list[list[int]], spec: SamplingSpec, *, n: int, max_tokens: int,
+               seeds: list[int]) -> "PendingRollout":
+        """Start ``n`` samples per prompt, the prompts split over the workers; ``collect`` waits."""
         shards = _shards(len(prompts), len(self.workers))
 
         def call(i: int) -> Any:
             s, e = shards[i]
             return self.workers[i].generate.remote(prompts[s:e], spec, n, max_tokens, seeds[s:e], s)
 
-        refs = [call(i) for i in range(len(self.workers))]
+        calls = [lambda i=i: call(i) for i in range(len(self.workers))]
+        return PendingRollout([c() for c in calls], calls, time.perf_counter())
+
+    def collect(self, pending: "PendingRollout") -> list[Sample]:
+        """The samples of a submitted rollout; a dead worker's share is redone with the same seeds."""
         out: list[Sample] = []
-        for i in range(len(self.workers)):
-            out.extend(self._call_with_restart(i, refs[i], "generate", lambda i=i: call(i)))
+        for i, (ref, again) in enumerate(zip(pending.refs, pending.calls)):
+            out.extend(self._call_with_restart(i, ref, "generate", again))
         return out
+
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec, *, n: int, max_tokens: int,
+                 seeds: list[int]) -> list[Sample]:
+        """``submit`` then ``collect``."""
+        return self.collect(self.submit(prompts, spec, n=n, max_tokens=max_tokens, seeds=seeds))
 
     def shutdown(self) -> None:
         for w in self.workers:

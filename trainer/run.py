@@ -13,6 +13,7 @@ per prompt before the first step, and kept in ``reference-answers.json`` for a r
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -97,9 +98,6 @@ class Run:
     """One ``rlkv train`` run (see the module docstring)."""
 
     def __init__(self, cfg: TrainConfig, out_dir: str, *, resume: bool = False) -> None:
-        if cfg.run.staleness > 0:
-            raise TrainConfigError(f"train.run.staleness = {cfg.run.staleness} is not allowed yet: asynchronous "
-                                   "rollouts are not built; use 0 (synchronous)")
         if cfg.rollout.sleep:
             raise TrainConfigError("train.rollout.sleep = true is not allowed yet: vLLM sleep/wake between the "
                                    "rollout and learner phases is not built; use false")
@@ -219,13 +217,32 @@ class Run:
             log = RunLog(out, resume_after=start if state is not None else None)
             gates = ray.get(learner.gates.remote(), timeout=t.learn_s)
             pool.push(gates, version=start)
-            for step in range(start + 1, total + 1):
+            k = cfg.run.staleness
+            in_flight: collections.deque = collections.deque()
+
+            def launch(step: int) -> None:
+                """Submit step's rollouts; the data position after its batch is what a checkpoint of
+                the step must hold (asynchronous runs have drawn later batches already)."""
                 batch = next(it)
-                t0 = time.perf_counter()
-                samples = pool.generate([token_ids[rec.id] for rec in batch], spec, n=s.group_size,
-                                        max_tokens=s.max_new_tokens,
-                                        seeds=[stable_seed(cfg.run.seed, step, rec.id) for rec in batch])
-                rollout_s = time.perf_counter() - t0
+                pending = pool.submit([token_ids[rec.id] for rec in batch], spec, n=s.group_size,
+                                      max_tokens=s.max_new_tokens,
+                                      seeds=[stable_seed(cfg.run.seed, step, rec.id) for rec in batch])
+                in_flight.append((step, batch, pending, it.state_dict()))
+
+            for ahead in range(start + 1, min(start + k, total) + 1):
+                launch(ahead)  # asynchronous: k steps sampled with the starting gates
+            for step in range(start + 1, total + 1):
+                if step + k <= total:
+                    if k == 0:
+                        launch(step)
+                _, batch, pending, data_state = in_flight.popleft() if k == 0 else in_flight[0]
+                samples = pool.collect(pending)
+                rollout_s = time.perf_counter() - pending.started
+                if k:
+                    in_flight.popleft()
+                    pool.settle()  # the previous step's push, queued behind this rollout: checksums checked
+                    if step + k <= total:
+                        launch(step + k)  # runs with the gates of step - 1 while the learner trains
                 texts: list[list[str]] = [[] for _ in batch]
                 for smp in samples:
                     texts[smp.prompt_index].append(self.tokenizer.decode(smp.completion, skip_special_tokens=True))
@@ -236,7 +253,12 @@ class Run:
                 raw = [float(next(per_prompt[smp.prompt_index])) for smp in samples]
                 stats = ray.get(learner.step.remote(samples, raw), timeout=t.learn_s)
                 gates = ray.get(learner.gates.remote(), timeout=t.learn_s)
-                checksum, push_s = pool.push(gates, version=step)
+                if k:
+                    pool.push_async(gates, version=step)
+                    push_s = 0.0  # it settles behind the next rollout: its time is the rollout's
+                else:
+                    _, push_s = pool.push(gates, version=step)
+                checksum = gates_checksum(gates)  # what every worker confirmed (or confirms at the next settle)
                 tokens = sum(len(smp.completion) for smp in samples)
                 row = {
                     "epoch": (step - 1) // it.steps_per_epoch, "reward_mean": stats["reward_mean"],
@@ -250,6 +272,8 @@ class Run:
                     "ratio_max": stats.get("ratio_max", 0.0), "response_tokens": tokens,
                     "rollout_s": rollout_s, "rollout_tok_s": tokens / max(rollout_s, 1e-9), "reward_s": reward_s,
                     "learn_s": stats["learn_s"], "gate_push_s": push_s, "gate_version": step,
+                    # learner version that trained these samples minus the version they were sampled with
+                    "staleness": max(step - 1 - smp.gate_version for smp in samples) if samples else 0,
                     "gates_checksum": checksum, "worker_restarts": pool.restarts,
                 }
                 log.log(step, row, total_steps=total)
@@ -257,7 +281,9 @@ class Run:
                 if cfg.run.checkpoint_every and (step % cfg.run.checkpoint_every == 0 or step == total):
                     ls = ray.get(learner.state_dict.remote(), timeout=t.learn_s)
                     checkpoint.save(out, checkpoint.TrainState(step, step, ls["alpha"], ls["optimizer"],
-                                                               it.state_dict(), checkpoint.capture_rng()))
+                                                               data_state, checkpoint.capture_rng()))
+            if k:
+                pool.settle()
             log.close()
             final = ray.get(learner.gates.remote(), timeout=t.learn_s)
             _say(f"final gates: mean {sum(map(sum, final)) / sum(map(len, final)):.4f}, checksum "
