@@ -50,6 +50,8 @@ class ModelConfig:
         train on it; ``path`` is then the folder to build it in (null: the trainer's cache).
     dtype: weights' dtype in the rollout engine (vLLM's ``dtype``).
     model_id: the model's name in the output pattern's metadata (null: the folder's name).
+    load_format: "auto" (the folder's weights) or "dummy" (random weights of the folder's config, in the
+        rollout engines and the learner alike: for speed runs of a model shape whose weights are absent).
     """
 
     path: str | None = knob(None, Rule("must be a local model directory"), path=True,
@@ -57,6 +59,7 @@ class ModelConfig:
     tiny: bool = False
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
     model_id: str | None = knob(None, null="the model folder's name")
+    load_format: Literal["auto", "dummy"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,8 @@ class Learner:
             raise ValueError(f"{len(samples)} samples but {len(raw_rewards)} rewards")
         self.policy.clamp_()
         dev = self.policy.device
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         raw = torch.tensor(raw_rewards, dtype=torch.float32)
         lengths = torch.tensor([len(s.completion) for s in samples], dtype=torch.float32)
         groups = torch.tensor([s.prompt_index for s in samples])
@@ -99,6 +101,7 @@ class Learner:
         return {**merged, "reward_mean": float(raw.mean()), "grad_norm": grad_norm,
                 "alpha_mean": float(gates.mean()), "alpha_min": float(gates.min()),
                 "response_tokens": batch_tokens, "learn_s": time.perf_counter() - t0,
+                "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0,
                 "finite": math.isfinite(grad_norm)}
 
     # ------------------------------------------------------------ checkpoints

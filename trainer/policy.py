@@ -58,10 +58,17 @@ class GatedPolicy:
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                        **kwargs: Any) -> "GatedPolicy":
-        from transformers import AutoModelForCausalLM
+                        dummy_weights: bool = False, seed: int = 0, **kwargs: Any) -> "GatedPolicy":
+        """dummy_weights: random weights of the folder's config (a speed run of a shape without its
+        weights, as vLLM's load_format "dummy"), built on ``device`` directly."""
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        if dummy_weights:
+            torch.manual_seed(seed)
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
         return cls(model, **kwargs)
 
     @property

@@ -74,6 +74,7 @@ class LearnerActor:
         torch.manual_seed(cfg.run.seed)
         dtype = getattr(torch, cfg.learner.dtype)
         policy = GatedPolicy.from_pretrained(model_path, dtype=dtype, device=device, sink=cfg.rollout.sink,
+                                             dummy_weights=cfg.model.load_format == "dummy", seed=cfg.run.seed,
                                              recent=cfg.rollout.recent,
                                              gradient_checkpointing=cfg.learner.gradient_checkpointing)
         s, o = cfg.rollout.sampling, cfg.optim
@@ -150,6 +151,7 @@ class Run:
     def _engine_kwargs(self) -> dict[str, Any]:
         r, device = self.cfg.rollout, _device(self.cfg)
         kw: dict[str, Any] = dict(dtype=self.cfg.model.dtype, max_num_seqs=r.max_num_seqs,
+                                  load_format=self.cfg.model.load_format,
                                   max_model_len=r.max_model_len, seed=self.cfg.run.seed,
                                   enforce_eager=r.enforce_eager if r.enforce_eager is not None else device == "cpu")
         if r.kv_cache_memory_bytes is not None:
@@ -271,7 +273,8 @@ class Run:
                     "truncated_share": stats.get("truncated_fraction", 0.0),
                     "ratio_max": stats.get("ratio_max", 0.0), "response_tokens": tokens,
                     "rollout_s": rollout_s, "rollout_tok_s": tokens / max(rollout_s, 1e-9), "reward_s": reward_s,
-                    "learn_s": stats["learn_s"], "gate_push_s": push_s, "gate_version": step,
+                    "learn_s": stats["learn_s"], "learner_peak_gib": stats.get("peak_memory_gib", 0.0),
+                    "gate_push_s": push_s, "gate_version": step,
                     # learner version that trained these samples minus the version they were sampled with
                     "staleness": max(step - 1 - smp.gate_version for smp in samples) if samples else 0,
                     "gates_checksum": checksum, "worker_restarts": pool.restarts,

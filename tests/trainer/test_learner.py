@@ -127,3 +127,17 @@ def test_batched_attention_in_bf16_tracks_the_oracle(group):
     err_stock = float((stock.double() - truth_full).abs().max())
     err_ours = float((ours.double() - truth).abs().max())
     assert err_ours <= 2.0 * err_stock + 1e-3, (err_ours, err_stock)
+
+
+def test_dummy_weights_build_the_folders_shape(tiny_model):
+    """model.load_format = dummy: the learner builds the shape with random weights (speed runs)."""
+    real = _policy(tiny_model)
+    dummy = GatedPolicy.from_pretrained(tiny_model, dummy_weights=True, sink=2, recent=3)
+    assert dummy.alpha.shape == real.alpha.shape
+    a = dict(real.model.named_parameters())
+    b = dict(dummy.model.named_parameters())
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"].float(),
+                           b["model.layers.0.self_attn.q_proj.weight"].float())
+    lps = dummy.completion_logprobs([Sequence([5, 6, 7], [8, 9])], SamplingSpec())
+    assert lps[0].shape == (2,) and torch.isfinite(lps[0]).all()
