@@ -27,7 +27,7 @@ STEPS = 4
 def train_cmd(tiny_model: str, out: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "rlkv_vllm.cli", "train", "--config", CONFIG, "--out", out,
             "--set", f"model.path={tiny_model}", "--set", "reward.kind=plugin",
-            "--set", "reward.plugin=tests.trainer.plugin_rewards:by_text_hash",
+            "--set", "reward.plugin=benchmarks.study_rewards:by_text_hash",
             "--set", "objective.beta=0.05", "--set", f"run.steps={STEPS}", *extra]
 
 

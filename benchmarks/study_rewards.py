@@ -1,4 +1,4 @@
-"""A reward plug-in for the end-to-end tests: varied, deterministic rewards on a random model's text
+"""A reward plug-in for speed studies and tests: varied, deterministic rewards on a random model's text
 (the tiny model's answers are noise, so correctness and agreement are always 0 and nothing would train)."""
 
 from __future__ import annotations
