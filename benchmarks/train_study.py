@@ -106,17 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-format", default="dummy", choices=["auto", "dummy"], help="vLLM's and the learner's")
     p.add_argument("--dtype", default="bfloat16", help="rollout engine dtype")
     p.add_argument("--learner-dtype", default="bfloat16", help="learner dtype")
-    p.add_argument("--prompts", type=int, default=32, help="prompts per step")
-    p.add_argument("--group", type=int, default=4, help="samples per prompt")
-    p.add_argument("--input-len", type=int, default=256, help="prompt tokens")
-    p.add_argument("--max-new-tokens", type=int, default=4096, help="new tokens per sample")
-    p.add_argument("--max-model-len", type=int, default=4608, help="vLLM max_model_len")
-    p.add_argument("--max-num-seqs", type=int, default=128, help="vLLM max_num_seqs")
-    p.add_argument("--sink", type=int, default=128, help="training window: sink tokens")
-    p.add_argument("--recent", type=int, default=256, help="training window: recent tokens")
-    p.add_argument("--micro-batch-tokens", type=int, default=8192, help="learner token budget per micro-batch")
+    for flag, default, text in (("--prompts", 32, "prompts per step"), ("--group", 4, "samples per prompt"),
+                                ("--input-len", 256, "prompt tokens"), ("--max-new-tokens", 4096, "new tokens per sample"),
+                                ("--max-model-len", 4608, "vLLM max_model_len"), ("--max-num-seqs", 128, "vLLM max_num_seqs"),
+                                ("--sink", 128, "training window: sink tokens"),
+                                ("--recent", 256, "training window: recent tokens"),
+                                ("--micro-batch-tokens", 8192, "learner token budget per micro-batch"),
+                                ("--steps", 1, "training steps to time")):
+        p.add_argument(flag, type=int, default=default, help=text)
     p.add_argument("--gpu-mem", type=float, default=0.45, help="vLLM's GPU share, colocated with the learner")
-    p.add_argument("--steps", type=int, default=1, help="training steps to time")
     p.add_argument("--stock-timeout", type=float, default=900, help="seconds for the stock generation child")
     p.add_argument("--train-timeout", type=float, default=1800, help="seconds for rlkv train")
     p.add_argument("--out", required=True, help="results JSON")
