@@ -83,7 +83,7 @@ def train(a: argparse.Namespace, prompts_file: str, out: str) -> dict[str, Any]:
         f"run.steps={a.steps}", "run.checkpoint_every=0", "data.shuffle_seed=0",
     ]
     if gpu:
-        sets += ["rollout.num_gpus_per_worker=0.5", "learner.num_gpus=0.5", "learner.device=cuda",
+        sets += ["rollout.colocate=true", "rollout.num_gpus_per_worker=0.5", "learner.num_gpus=0.5", "learner.device=cuda",
                  f"rollout.gpu_memory_utilization={a.gpu_mem}", "learner.gradient_checkpointing=true",
                  "ray.num_gpus=1", "rollout.enforce_eager=false"]
     cmd = [sys.executable, "-m", "rlkv_vllm.cli", "train", "--config", cfg, "--out", out]

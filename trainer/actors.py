@@ -75,12 +75,16 @@ class RolloutPool:
     """
 
     def __init__(self, num_workers: int, worker_kwargs: dict[str, Any], *, actor_options: dict[str, Any],
-                 timeout_s: float, start_timeout_s: float, max_restarts: int = 3) -> None:
+                 timeout_s: float, start_timeout_s: float, max_restarts: int = 3,
+                 scheduling: list[Any] | None = None) -> None:
         import ray
 
         self.ray = ray
         cls = ray.remote(max_restarts=max_restarts, max_task_retries=0, **actor_options)(RolloutWorker)
-        self.workers = [cls.remote(i, **worker_kwargs) for i in range(num_workers)]
+        # scheduling: one Ray scheduling strategy per worker (its placement-group bundle); a restarted
+        # actor comes back in the same bundle
+        self.workers = [(cls.options(scheduling_strategy=scheduling[i]) if scheduling else cls).remote(i, **worker_kwargs)
+                        for i in range(num_workers)]
         self.timeout_s, self.start_timeout_s = timeout_s, start_timeout_s
         self.max_restarts = max_restarts
         self.restarts = 0

@@ -181,7 +181,9 @@ class Run:
         device = _device(cfg)
         learner_opts = dict(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus if device != "cpu" else 0,
                             runtime_env=self.runtime_env)
-        learner = ray.remote(**learner_opts)(LearnerActor).remote(config_to_dict(cfg), cfg.model.path, device)
+        strategies = self._placement(ray, device)
+        learner = ray.remote(**learner_opts)(LearnerActor).options(scheduling_strategy=strategies[0]).remote(
+            config_to_dict(cfg), cfg.model.path, device)
         pool = RolloutPool(
             r.num_workers,
             dict(model=cfg.model.path, sink=r.sink, recent=r.recent, work_dir=os.path.join(out, "rollout"),
@@ -189,7 +191,7 @@ class Run:
                  engine_kwargs=self._engine_kwargs()),
             actor_options=dict(num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker if device != "cpu" else 0,
                                runtime_env=self.runtime_env),
-            timeout_s=t.rollout_s, start_timeout_s=t.startup_s)
+            timeout_s=t.rollout_s, start_timeout_s=t.startup_s, scheduling=strategies[1:])
         grader = Grader(cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s)
         try:
             ray.get(learner.gates.remote(), timeout=t.startup_s)
@@ -306,7 +308,41 @@ class Run:
                 ray.kill(learner)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+            if getattr(self, "placement_group", None) is not None:
+                ray.util.remove_placement_group(self.placement_group)
             ray.shutdown()
+
+    def _placement(self, ray: Any, device: str) -> list[Any]:
+        """One placement group for the run's actors, the learner first (bundle 0) then each rollout
+        worker: colocated on a GPU, one bundle holding them all (fractional GPU shares inside it);
+        otherwise a bundle each, packed onto as few nodes as fit. A group the cluster cannot hold
+        fails within the startup timeout with one line, instead of actors pending forever."""
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        r, lc = self.cfg.rollout, self.cfg.learner
+        gpu = device != "cpu"
+
+        def bundle(cpus: float, gpus: float) -> dict[str, float]:
+            return {"CPU": cpus, **({"GPU": gpus} if gpu and gpus > 0 else {})}
+
+        if r.colocate and gpu:
+            bundles = [bundle(lc.num_cpus + r.num_workers * r.num_cpus_per_worker, 1.0)]
+            index = [0] * (1 + r.num_workers)
+        else:
+            bundles = [bundle(lc.num_cpus, lc.num_gpus)] + [bundle(r.num_cpus_per_worker, r.num_gpus_per_worker)
+                                                           for _ in range(r.num_workers)]
+            index = list(range(1 + r.num_workers))
+        pg = placement_group(bundles, strategy="PACK")
+        try:
+            ray.get(pg.ready(), timeout=self.cfg.run.timeouts.startup_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(pg)
+            raise TrainConfigError(
+                f"train.rollout.num_workers = {r.num_workers} is not allowed on this Ray cluster: the run's actors "
+                f"need {bundles} (learner first), the cluster has {ray.cluster_resources()}") from None
+        self.placement_group = pg
+        return [PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i) for i in index]
 
     def _write_workers(self, pool: Any) -> None:
         """The rollout workers' pids (a supervisor, or the fault test, reads them)."""
