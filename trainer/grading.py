@@ -31,10 +31,19 @@ Kinds and their conventions:
 - ``"mmlu_pro"``: the MMLU-Pro harness (TIGER-AI-Lab/MMLU-Pro, ``compute_accuracy.py``): the first
   ``answer is \\(?([A-J])\\)?``, else ``.*[aA]nswer:\\s*([A-J])``, else the last standalone letter A-J. When
   all fail the harness guesses at random; here the sample has no answer (score 0).
+- ``"mbpp"``: the gold is the test program (MBPP's ``test_setup_code`` and ``test_list`` asserts, one per
+  line: :func:`mbpp_test_program`); the completion's code is its first fenced block (lm-evaluation-harness
+  ``mbpp/utils.py`` ``extract_code_blocks``), else the text between ``[BEGIN]`` and ``[DONE]`` (the
+  original few-shot format, evalscope), else the whole text when it holds a ``def``. The code, then the
+  tests, run as one program in :mod:`rlkv_trainer.sandbox` (never in the grading worker itself): correct
+  when it exits with status 0. The verdict's ``detail`` says what the run did (``"failed, exit 1 (bwrap):
+  AssertionError"``); a run killed at the sandbox's timeout is status ``"timeout"``, a sandbox that cannot
+  start ``"error"``. An MBPP item's soft and hard timeouts stretch to cover the sandbox's own.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -48,13 +57,16 @@ import sys
 import threading
 import time
 from collections import deque
+import dataclasses
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Iterable, Sequence
 
+from rlkv_trainer.sandbox import SandboxLimits, run_python
+
 logger = logging.getLogger(__name__)
 
-KINDS: tuple[str, ...] = ("math", "gsm8k", "mmlu_pro")
+KINDS: tuple[str, ...] = ("math", "gsm8k", "mmlu_pro", "mbpp")
 
 # statuses a Verdict can carry; only "ok" can be correct
 OK, NO_ANSWER, BAD_GOLD, TIMEOUT, ERROR = "ok", "no_answer", "bad_gold", "timeout", "error"
@@ -66,8 +78,8 @@ class GradeItem:
 
     Fields:
         completion: the model's text (the generated part only, not the prompt).
-        gold: the reference answer (``"\\\\frac{1}{2}"``, ``"#### 18"``, ``"C"``); ``None`` asks for extraction
-            only (the verdict then says what was extracted, and is never correct).
+        gold: the reference answer (``"\\\\frac{1}{2}"``, ``"#### 18"``, ``"C"``, MBPP's test program);
+            ``None`` asks for extraction only (the verdict then says what was extracted, and is never correct).
         kind: one of :data:`KINDS` (or any name a custom ``worker_fn`` understands).
     """
 
@@ -86,7 +98,7 @@ class Verdict:
             hard timeout), ``"error"`` (an exception, or the worker process died).
         correct: the completion's answer equals the gold; only ever true with status ``"ok"``.
         extracted: the completion's answer as text (math: math-verify's normalised LaTeX, gsm8k: the
-            normalised number, mmlu_pro: the letter); ``None`` when none was found.
+            normalised number, mmlu_pro: the letter, mbpp: the code); ``None`` when none was found.
         gold: the gold as the grader read it (same forms as ``extracted``), ``None`` when absent or unparsable.
         detail: a short human-readable note for the non-ok statuses.
         seconds: wall time spent on this item in the worker (or until it was killed).
@@ -184,6 +196,41 @@ def _mmlu_gold(gold: str) -> str | None:
     return match.group(1).upper() if match else None
 
 
+_FENCED = re.compile(r"```(?:\w+)?\n?(.*?)\n?```", re.DOTALL)  # lm-eval mbpp/utils.py extract_code_blocks
+_BEGIN_DONE = re.compile(r"\[BEGIN\]\s*(.*?)\s*(?:\[DONE\]|$)", re.DOTALL)
+MBPP_MAX_CODE_CHARS = 20000  # what a verdict keeps of the extracted code
+
+
+def extract_code(completion: str) -> str | None:
+    """The completion's program: the first fenced block, else ``[BEGIN] ... [DONE]``, else the whole text
+    when it holds a ``def``; ``None`` when none of these (or only blank text) is there."""
+    for pattern in (_FENCED, _BEGIN_DONE):
+        match = pattern.search(completion)
+        if match and match.group(1).strip():
+            return match.group(1)
+    return completion if re.search(r"^\s*def\s", completion, re.MULTILINE) else None
+
+
+def mbpp_test_program(test_list: Sequence[str], test_setup_code: str = "") -> str:
+    """MBPP's tests as the program that follows the code: the setup code, then one assert per line."""
+    lines = ([test_setup_code] if test_setup_code.strip() else []) + [t.strip() for t in test_list]
+    return "\n".join(lines) + "\n"
+
+
+def _grade_mbpp(completion: str, gold: str | None, limits: SandboxLimits | None) -> Verdict:
+    code = extract_code(completion)
+    extracted = code[:MBPP_MAX_CODE_CHARS] if code is not None else None
+    if code is None:
+        return Verdict(NO_ANSWER, gold=gold)
+    if gold is None:
+        return Verdict(OK, extracted=extracted)
+    if not gold.strip():
+        return Verdict(BAD_GOLD, extracted=extracted, detail="the test program is empty")
+    result = run_python(f"{code}\n\n{gold}", limits or SandboxLimits())
+    status = {"timeout": TIMEOUT, "error": ERROR}.get(result.outcome, OK)
+    return Verdict(status, correct=result.passed, extracted=extracted, gold=gold, detail=result.summary())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # math-verify (imported lazily: only the worker processes load sympy)
 
@@ -235,12 +282,13 @@ def _grade_extracted(
     return Verdict(OK, correct=equal(gold_norm, extracted), extracted=extracted, gold=gold_norm)
 
 
-def grade_one(item: GradeItem, think_end: str | None = None) -> Verdict:
+def grade_one(item: GradeItem, think_end: str | None = None, *, sandbox: SandboxLimits | None = None) -> Verdict:
     """Grade one item in this process, with no time bound (math-verify can hang on some inputs: use :class:`Grader`).
 
     ``think_end`` (e.g. ``"</think>"``): when set and present, only the text after its last occurrence is
     graded, so answers tried inside a reasoning trace do not count; a completion without it is graded whole.
-    Raises ``ValueError`` for an unknown kind.
+    ``sandbox``: the limits of an MBPP run (default :class:`SandboxLimits`). Raises ``ValueError`` for an
+    unknown kind.
     """
     text = item.completion
     if think_end and think_end in text:
@@ -253,6 +301,8 @@ def grade_one(item: GradeItem, think_end: str | None = None) -> Verdict:
     if item.kind == "mmlu_pro":
         gold_norm = _mmlu_gold(item.gold) if item.gold is not None else None
         return _grade_extracted(extract_mmlu_pro_letter(text), item.gold, gold_norm, str.__eq__)
+    if item.kind == "mbpp":
+        return _grade_mbpp(text, item.gold, sandbox)
     raise ValueError(f"unknown grading kind {item.kind!r}; known: {', '.join(KINDS)}")
 
 
@@ -293,7 +343,8 @@ def _worker_entry() -> None:
     conn = multiprocessing.connection.Connection(int(sys.argv[2]))
     if options["max_memory_mb"]:
         _limit_memory(options["max_memory_mb"])
-    _worker_main(conn, options["think_end"], options["soft_timeout_s"], options["worker_fn"])
+    sandbox = SandboxLimits(**options["sandbox"]) if options.get("sandbox") else None
+    _worker_main(conn, options["think_end"], options["soft_timeout_s"], options["worker_fn"], sandbox)
 
 
 def _limit_memory(megabytes: int) -> None:
@@ -308,8 +359,16 @@ def _limit_memory(megabytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (want, hard))
 
 
+def item_timeout_s(kind: str, timeout_s: float, sandbox: SandboxLimits | None) -> float:
+    """An item's soft time budget: ``timeout_s``, stretched for MBPP to the sandbox's timeout plus 5 s (its
+    start and its final sweep), so the worker's alarm never cuts a run the sandbox would have ended."""
+    if kind != "mbpp":
+        return timeout_s
+    return max(timeout_s, (sandbox or SandboxLimits()).timeout_s + 5.0)
+
+
 def _worker_main(conn: multiprocessing.connection.Connection, think_end: str | None, soft_timeout_s: float,
-                 worker_fn: str | None) -> None:
+                 worker_fn: str | None, sandbox: SandboxLimits | None = None) -> None:
     """Worker loop: receive ``(index, GradeItem)``, send back ``("result", index, Verdict)``; ``None`` stops it.
 
     It exits on EOF too, so workers never outlive a parent that died without closing the pool.
@@ -318,7 +377,8 @@ def _worker_main(conn: multiprocessing.connection.Connection, think_end: str | N
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.ERROR)  # one "timeout is disabled" warning per process
     try:
-        fn: Callable[[GradeItem, str | None], Verdict] = resolve_callable(worker_fn) if worker_fn else grade_one
+        fn: Callable[[GradeItem, str | None], Verdict] = (
+            resolve_callable(worker_fn) if worker_fn else functools.partial(grade_one, sandbox=sandbox))
         grade_one(GradeItem("\\boxed{1}", "1"))  # warm-up: import sympy and the LaTeX parser before timing
     except BaseException as e:
         conn.send(("failed", f"{type(e).__name__}: {e}"))
@@ -334,14 +394,15 @@ def _worker_main(conn: multiprocessing.connection.Connection, think_end: str | N
             return
         index, item = msg
         start = time.perf_counter()
+        budget_s = item_timeout_s(getattr(item, "kind", ""), soft_timeout_s, sandbox)
         try:
             try:
-                signal.setitimer(signal.ITIMER_REAL, soft_timeout_s)
+                signal.setitimer(signal.ITIMER_REAL, budget_s)
                 verdict = fn(item, think_end)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         except _SoftTimeout:  # also when the alarm lands in the finally above
-            verdict = Verdict(TIMEOUT, detail=f"soft timeout after {soft_timeout_s:g} s")
+            verdict = Verdict(TIMEOUT, detail=f"soft timeout after {budget_s:g} s")
         except Exception as e:
             verdict = Verdict(ERROR, detail=f"{type(e).__name__}: {e}"[:300])
         conn.send(("result", index, replace(verdict, seconds=time.perf_counter() - start)))
@@ -405,6 +466,8 @@ class Grader:
             called as ``fn(item, think_end) -> Verdict``.
         start_timeout_s: how long a new worker may take to import math-verify and report ready.
         max_memory_mb: address-space limit of each worker (``RLIMIT_AS``); ``None`` for none.
+        sandbox: the limits of each MBPP run (:class:`rlkv_trainer.sandbox.SandboxLimits`; default its
+            defaults); an MBPP item's soft timeout is :func:`item_timeout_s`, its hard one 5 s more.
 
     Workers start on first use (or :meth:`start`). Calls from several threads are serialised by a lock: one
     batch at a time uses all workers. Use as a context manager or call :meth:`close`. A Grader does not
@@ -424,6 +487,7 @@ class Grader:
         worker_fn: str | None = None,
         start_timeout_s: float = 120.0,
         max_memory_mb: int | None = 4096,
+        sandbox: SandboxLimits | None = None,
     ) -> None:
         self.num_workers = num_workers if num_workers is not None else default_num_workers()
         if self.num_workers < 1:
@@ -440,6 +504,7 @@ class Grader:
         self.worker_fn = worker_fn
         self.start_timeout_s = float(start_timeout_s)
         self.max_memory_mb = max_memory_mb
+        self.sandbox = sandbox
         self._workers: list[_Worker | None] = [None] * self.num_workers
         self._lock = threading.Lock()
         self._closed = False
@@ -527,7 +592,8 @@ class Grader:
         """
         parent, child = socket.socketpair()
         options = {"think_end": self.think_end, "soft_timeout_s": self.timeout_s, "worker_fn": self.worker_fn,
-                   "max_memory_mb": self.max_memory_mb}
+                   "max_memory_mb": self.max_memory_mb,
+                   "sandbox": dataclasses.asdict(self.sandbox) if self.sandbox else None}
         code = (f"import sys, json; sys.path[:0] = json.loads(sys.argv[1]); "
                 f"from {__name__} import _worker_entry; _worker_entry()")
         try:
@@ -540,6 +606,11 @@ class Grader:
             child.close()  # the parent keeps one end only, so the worker's death reads as EOF
         conn = multiprocessing.connection.Connection(parent.detach())
         self._workers[slot] = _Worker(proc, conn, time.monotonic() + self.start_timeout_s)
+
+    def _hard_timeout(self, item: GradeItem) -> float:
+        """``hard_timeout_s``, or for MBPP the item's stretched soft budget plus the same margin."""
+        soft = item_timeout_s(item.kind, self.timeout_s, self.sandbox)
+        return self.hard_timeout_s + (soft - self.timeout_s)
 
     def _fill(self) -> None:
         for slot, w in enumerate(self._workers):
@@ -577,7 +648,7 @@ class Grader:
                         self._replace(slot)
                         continue
                     w.state, w.index, w.started = _BUSY, index, time.monotonic()
-                    w.deadline = w.started + self.hard_timeout_s
+                    w.deadline = w.started + self._hard_timeout(items[index])
             if pending and all(w is None for w in self._workers):  # every slot gave up starting
                 detail = f"grading workers fail to start: {self.last_start_error}"
                 for index in pending:
@@ -604,10 +675,10 @@ class Grader:
             if w.conn.poll(0):  # arrived just now: take it rather than call it a timeout
                 self._receive(slot, w, results)
             elif w.state == _BUSY:
-                logger.warning("grading worker %s killed: item %s not back after %.1f s", w.proc.pid, w.index,
-                               self.hard_timeout_s)
+                hard_s = w.deadline - w.started
+                logger.warning("grading worker %s killed: item %s not back after %.1f s", w.proc.pid, w.index, hard_s)
                 self._finish(slot, results, Verdict(TIMEOUT, detail=f"hard timeout: worker killed after "
-                                                    f"{self.hard_timeout_s:g} s", seconds=now - w.started))
+                                                    f"{hard_s:g} s", seconds=now - w.started))
                 self._replace(slot)
             else:
                 self._start_failed(slot, f"not ready after {self.start_timeout_s:g} s")
