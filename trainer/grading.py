@@ -18,7 +18,8 @@ Kinds and their conventions:
   ``\\boxed{gold}`` unless it already holds ``\\boxed`` (verl's ``reward_score/math_verify.py`` does the
   same) and parsed with LaTeX then plain-expression extraction. The completion is parsed with
   ``LatexExtractionConfig(boxed_match_priority=0)`` then ``ExprExtractionConfig()``: the last ``\\boxed{}``
-  wins, else math-verify's "final answer is" anchors, else the last LaTeX / expression. math-verify's own
+  wins (only its content is parsed: math-verify alone would read every box of the text as one set), else
+  math-verify's "final answer is" anchors, else the last LaTeX / expression. math-verify's own
   timeouts are off (``parsing_timeout=None``, ``timeout_seconds=None``): they use ``signal.alarm``, which
   would clobber the worker's own timer.
 - ``"gsm8k"``: lm-evaluation-harness ``gsm8k.yaml`` "flexible-extract": regex
@@ -255,7 +256,11 @@ def _grade_math(completion: str, gold: str | None) -> Verdict:
     from math_verify import parse, verify
 
     gold_cfg, pred_cfg = _math_configs()
-    pred = parse(completion, extraction_config=pred_cfg, parsing_timeout=None)
+    # math-verify reads every \boxed{} of the text as one answer ("\boxed{11} ... \boxed{12}" -> {11, 12});
+    # the harnesses (lm-eval minerva, Qwen2.5-Math) take the last one, and so does this
+    boxed = last_boxed(completion)
+    target = "\\boxed{" + boxed + "}" if boxed else completion
+    pred = parse(target, extraction_config=pred_cfg, parsing_timeout=None)
     extracted = _parsed_text(pred)
     if gold is None:
         return Verdict(OK if pred else NO_ANSWER, extracted=extracted)
