@@ -294,9 +294,11 @@ def _set_limits(limits: SandboxLimits, nproc: int) -> None:
                          (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_FSIZE, limits.max_file_mb * mb),
                          (resource.RLIMIT_NOFILE, limits.max_open_files), (resource.RLIMIT_CORE, 0)):
         _, hard = resource.getrlimit(which)
+        # CPU: SIGXCPU at the soft limit, SIGKILL a second later; equal limits would be SIGKILL straight away
+        soft_hard = (value, value + 1 if which == resource.RLIMIT_CPU else value)
         if hard != resource.RLIM_INFINITY:
-            value = min(value, hard)
-        resource.setrlimit(which, (value, value))
+            soft_hard = (min(soft_hard[0], hard), min(soft_hard[1], hard))
+        resource.setrlimit(which, soft_hard)
 
 
 def _kill_uid(uid: int) -> int:
@@ -363,6 +365,8 @@ def _run(mode: str, code: str, limits: SandboxLimits) -> SandboxResult:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     code_ = None if timed_out else proc.returncode
+    if mode == "bwrap" and code_ is not None and 128 < code_ < 128 + 65:
+        code_ = 128 - code_  # bwrap exits 128 + n when a signal ended its child: report it as Popen would
     if timed_out:
         outcome = TIMEOUT
     elif code_ == 0:
