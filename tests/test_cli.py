@@ -50,7 +50,7 @@ def write(tmp_path, name: str, gates: Any, **meta: Any) -> str:
 def test_help_lists_every_command_with_a_line(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0 and out.startswith("usage: rlkv")
-    for name in ("serve", "demo", "tiny-model", "pattern", "bench", "train", "vllm"):
+    for name in ("serve", "demo", "tiny-model", "pattern", "bench", "train", "eval", "vllm"):
         assert f"\n    {name}" in out, name
     assert "--version" in out and "``" not in out  # argparse help, not the module docstring
     assert run(capsys)[:2] == (0, out)  # no command: the same help

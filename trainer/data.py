@@ -8,6 +8,7 @@ Loading (:func:`load_prompts`) reads, never downloading:
   becomes N, kind ``gsm8k``), MATH-500 (``problem``, ``answer``, ``unique_id``), AIME24 (``id``,
   ``problem``, ``answer``), DeepScaleR-style ``problem`` / ``answer``;
 - a ``.json`` file holding a list of such objects (DeepScaleR's training file has that shape);
+- a ``.parquet`` file (the Hugging Face hub's format, MMLU-Pro's for one), read with pyarrow;
 - a folder written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``'s; pick ``split``).
 
 Every input problem is a :class:`DataError` (a ``ValueError``) with one line: the file, the line (or row)
@@ -112,19 +113,25 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _raw_records(path: str, split: str | None) -> Iterator[tuple[Any, str, str]]:
-    """Yield ``(raw record, where, default id)`` from a JSONL file, a JSON list or a dataset folder."""
+def read_rows(path: str, split: str | None = None) -> Iterator[tuple[Any, str, str]]:
+    """Yield ``(raw record, where, default id)`` from a JSONL file, a JSON list, a parquet file or a dataset
+    folder, as they are (``rlkv eval`` builds its benchmark items from them); :class:`DataError` for an
+    unreadable file or line."""
     base = os.path.basename(os.path.normpath(path))
     if os.path.isdir(path):
         for i, row in enumerate(_dataset_rows(path, split)):
+            yield row, f"{path}: row {i}", f"{base}:{i}"
+        return
+    if path.endswith(".parquet"):
+        for i, row in enumerate(_parquet_rows(path)):
             yield row, f"{path}: row {i}", f"{base}:{i}"
         return
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror}); expected a .jsonl file, a .json list or a "
-                        "Hugging Face dataset folder (save_to_disk)") from None
+        raise DataError(f"{path}: cannot read ({e.strerror}); expected a .jsonl file, a .json list, a .parquet "
+                        "file or a Hugging Face dataset folder (save_to_disk)") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}); expected JSON lines") from None
     if path.endswith(".json") and text.lstrip().startswith("["):
@@ -144,6 +151,17 @@ def _raw_records(path: str, split: str | None) -> Iterator[tuple[Any, str, str]]
             raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno}); each line must be one "
                             "JSON object") from None
         yield row, f"{path}:{lineno}", f"{base}:{lineno}"
+
+
+def _parquet_rows(path: str) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow, or rlkv-vllm[train])") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path}: not a readable parquet file ({' '.join(str(e).split())[:200]})") from None
 
 
 def _dataset_rows(path: str, split: str | None) -> Iterable[Mapping[str, Any]]:
@@ -180,7 +198,7 @@ def load_prompts(path: str, *, kind: str | None = None, split: str | None = None
         raise DataError(f"{path}: kind {kind!r} is not a grading kind; allowed: {', '.join(KINDS)}")
     records: list[PromptRecord] = []
     seen: dict[str, str] = {}
-    for raw, where, default_id in _raw_records(path, split):
+    for raw, where, default_id in read_rows(path, split):
         record = record_from_dict(raw, where, default_id, kind)
         if record.id in seen:
             raise DataError(f"{where}: id {record.id!r} already used at {seen[record.id]}; ids must be unique")
