@@ -22,6 +22,7 @@ Hugging Face dataset folder). Errors are :class:`rlkv_trainer.data.DataError`, o
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -71,6 +72,12 @@ class Task:
         return f"{self.name}:{self.category}" if self.category else self.name
 
 
+def render(template: str, **fields: str) -> str:
+    """``template`` with each ``{name}`` replaced once (one pass: a field's text holding ``{...}`` stays as it
+    is; ``\\boxed{}`` is not a field)."""
+    return re.sub(r"\{(\w+)\}", lambda m: str(fields[m.group(1)]) if m.group(1) in fields else m.group(0), template)
+
+
 def _need(row: Mapping[str, Any], where: str, *names: str) -> list[Any]:
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -91,13 +98,13 @@ def _gsm8k(row: Mapping[str, Any], where: str, default_id: str) -> EvalItem:
     gold = extract_gsm8k_gold(str(answer))
     if gold is None:
         raise DataError(f"{where}: field 'answer' has no final number (GSM8K format: '... #### 18')")
-    return EvalItem(str(row.get("id", default_id)), MATH_TEMPLATE.format(problem=question), gold, "gsm8k")
+    return EvalItem(str(row.get("id", default_id)), render(MATH_TEMPLATE, problem=question), gold, "gsm8k")
 
 
 def _math(row: Mapping[str, Any], where: str, default_id: str) -> EvalItem:
     problem, answer = _need(row, where, "problem", "answer")
     rid = row.get("unique_id", row.get("id", default_id))
-    return EvalItem(str(rid), MATH_TEMPLATE.format(problem=problem), str(answer), "math",
+    return EvalItem(str(rid), render(MATH_TEMPLATE, problem=problem), str(answer), "math",
                     _meta(row, "subject", "level", "url"))
 
 
@@ -106,7 +113,7 @@ def _mbpp(row: Mapping[str, Any], where: str, default_id: str) -> EvalItem:
     if not isinstance(tests, (list, tuple)) or not tests or not all(isinstance(t, str) for t in tests):
         raise DataError(f"{where}: field 'test_list' must be a non-empty list of assert strings")
     setup = row.get("test_setup_code") or ""
-    prompt = MBPP_TEMPLATE.format(text=text, tests="\n".join(t.strip() for t in tests))
+    prompt = render(MBPP_TEMPLATE, text=text, tests="\n".join(t.strip() for t in tests))
     return EvalItem(str(task_id), prompt, mbpp_test_program(list(tests), str(setup)), "mbpp", {"task_id": task_id})
 
 
@@ -119,7 +126,7 @@ def _mmlu_pro(row: Mapping[str, Any], where: str, default_id: str) -> EvalItem:
     if len(letter) != 1 or letter not in LETTERS[:len(options)]:
         raise DataError(f"{where}: field 'answer' is {answer!r}; allowed: a letter A-{LETTERS[len(options) - 1]}")
     lines = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
-    prompt = MMLU_PRO_TEMPLATE.format(category=category, question=question, options=lines)
+    prompt = render(MMLU_PRO_TEMPLATE, category=category, question=question, options=lines)
     rid = row.get("question_id", default_id)
     return EvalItem(str(rid), prompt, letter, "mmlu_pro", _meta(row, "category", "src"))
 
