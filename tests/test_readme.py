@@ -173,3 +173,55 @@ def test_train_commands_as_printed(tmp_path):
         assert "sparsity 0.5" in proc.stdout and "full" in proc.stdout
     finally:
         shutil.rmtree(runs, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_eval_command_as_printed(tmp_path):
+    """The README's `rlkv eval` block, as printed, against the first-hour server (setup and serve blocks)."""
+    if not os.path.isdir(os.path.join(ROOT, ".venv")):
+        pytest.skip("no .venv at the repo root: scripts/setup.sh (or scripts/test.sh) creates it")
+    if shutil.which("curl") is None:
+        pytest.skip("no curl on this machine: the wait for the server uses it")
+    if _port_taken(PORT):
+        pytest.skip(f"port {PORT} is taken on this machine; the README's eval command needs it")
+    text = open(README, encoding="utf-8").read()
+    block = re.search(r"<!-- readme-command: eval -->\s*```bash\n(.*?)```", text, flags=re.S).group(1)
+    assert f"--base-url http://localhost:{PORT}/v1 --model tiny" in block and "../shared/data/eval/" in block
+    out = os.path.join(ROOT, re.search(r"--out (\S+)", block).group(1))
+    for path in (out, out[:-5] + ".cache.jsonl"):
+        if os.path.exists(path):
+            os.remove(path)
+    blocks = first_hour_blocks()
+    log = str(tmp_path / "server.log")
+    script = "\n".join([
+        "set -eo pipefail",
+        blocks["setup"],
+        blocks["serve"].rstrip() + f' > "{log}" 2>&1 &',
+        "server=$!",
+        f"for _ in $(seq {STARTUP_S}); do",
+        f"  curl -sf localhost:{PORT}/health >/dev/null && break",
+        '  kill -0 "$server" 2>/dev/null || { echo "the server exited" >&2; exit 3; }',
+        "  sleep 1",
+        "done",
+        block.rstrip(),
+    ])
+    proc = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=_fresh_env(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        printed, _ = proc.communicate(timeout=STARTUP_S + 300)
+    except subprocess.TimeoutExpired:
+        printed = "(timed out)"
+    finally:
+        _stop_group(proc.pid)
+    server_log = open(log, errors="replace").read() if os.path.exists(log) else ""
+    try:
+        assert proc.returncode == 0, f"{printed[-3000:]}\nserver: {failure_reason(server_log)}"
+        table = [line for line in printed.splitlines() if line.split()[:2] == ["gsm8k", "tiny"]]
+        assert table and table[0].split()[:4] == ["gsm8k", "tiny", "8", "1"], printed[-2000:]
+        doc = json.load(open(out))
+        assert doc["summary"]["items"] == 8 and doc["requests"]["sent"] == 8
+        assert all(len(item["samples"]) == 1 for item in doc["items"])
+    finally:
+        for path in (out, out[:-5] + ".cache.jsonl"):
+            if os.path.exists(path):
+                os.remove(path)

@@ -188,7 +188,7 @@ class ChatSampler:
         results: list[Completion | None] = [cache.get(k) for k in keys]
         todo = [i for i, c in enumerate(results) if c is None]
         bar = tqdm(total=len(requests), initial=len(requests) - len(todo), desc=desc, unit="req",
-                   disable=not progress, dynamic_ncols=True, leave=False)
+                   disable=None if progress else True, dynamic_ncols=True, leave=False)  # None: off unless a tty
 
         def run(i: int) -> None:
             completion = self._create(requests[i], sampling)
