@@ -164,6 +164,11 @@ def evaluate(base_url: str, model: str, task: str | Task, *, data: str, samples:
         cache.close()
     own = grader is None
     pool = grader or Grader(think_end=think_end)
+    sandbox = None
+    if spec.kind == "mbpp":
+        from rlkv_trainer.sandbox import describe
+
+        sandbox = describe(limits=pool.sandbox)  # the mode and limits the runs get (fails early if none works)
     try:
         verdicts = pool.grade(GradeItem(c.text, it.gold, it.kind) for c, it in
                               zip(completions, (it for it in items for _ in range(samples))))
@@ -175,11 +180,6 @@ def evaluate(base_url: str, model: str, task: str | Task, *, data: str, samples:
     summary = summarize([[s.verdict.correct for s in r.samples] for r in results],
                         [[s.verdict.extracted is not None for s in r.samples] for r in results], seed=bootstrap_seed)
     cached = sum(c.cached for c in completions)
-    sandbox = None
-    if spec.kind == "mbpp":
-        from rlkv_trainer.sandbox import describe
-
-        sandbox = describe()
     return EvalResult(
         task=spec, model=model, base_url=base_url, data=os.path.abspath(data), sampling=sampling, summary=summary,
         items=results, prompts=describe_prompts(spec, items),

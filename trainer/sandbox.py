@@ -240,11 +240,11 @@ def resolve_mode(mode: str | None = None) -> str:
     raise SandboxError(f"no sandbox mode works here (rlimits: {_mode_works('rlimits')[1]})")
 
 
-def describe(mode: str | None = None) -> dict[str, Any]:
+def describe(mode: str | None = None, limits: SandboxLimits | None = None) -> dict[str, Any]:
     """What a run here gets: ``{"mode", "python", "per_run_uid", "network_isolated", "filesystem",
     "limits"}``, for the eval's output."""
     chosen = resolve_mode(mode)
-    limits = SandboxLimits()
+    limits = limits or SandboxLimits()
     return {
         "mode": chosen,
         "python": sandbox_python(),

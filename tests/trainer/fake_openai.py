@@ -16,8 +16,8 @@ class FakeOpenAI:
     """Serves ``POST /v1/chat/completions`` on 127.0.0.1 with ``reply(request_json) -> text``.
 
     Attributes the tests set or read: ``fail_first`` (per distinct prompt, that many 503s before success),
-    ``fail_always`` (every request 500), ``fail_prompts`` (these prompts always 503), ``delay_s`` (per request), ``models`` (names accepted; others 404),
-    ``requests`` (every request body received), ``max_in_flight``.
+    ``fail_always`` (every request 500), ``fail_prompts`` (these prompts always 503), ``delay_s`` (per
+    request), ``models`` (names accepted; others 404), ``requests`` (every request body received), ``max_in_flight``.
     """
 
     def __init__(self, reply: Reply, models: tuple[str, ...] = ("fake",)) -> None:

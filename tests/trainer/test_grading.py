@@ -27,6 +27,7 @@ from rlkv_trainer.grading import (
     extract_mmlu_pro_letter,
     grade_one,
     gsm8k_equal,
+    item_timeout_s,
     last_boxed,
     mbpp_test_program,
     resolve_callable,
@@ -220,6 +221,17 @@ def test_mbpp_pass_fail_and_no_code(grader: Grader) -> None:
     assert crash.status == OK and not crash.correct and "ZeroDivisionError" in crash.detail
     assert none.status == NO_ANSWER and not none.correct
     assert extract_only.status == OK and not extract_only.correct and extract_only.extracted.startswith("def add")
+
+
+def test_mbpp_items_get_time_for_the_sandbox() -> None:
+    from rlkv_trainer.sandbox import SandboxLimits
+
+    assert item_timeout_s("math", 10.0, None) == 10.0
+    assert item_timeout_s("mbpp", 10.0, None) == 15.0  # the sandbox's default 10 s, plus its start and sweep
+    assert item_timeout_s("mbpp", 30.0, SandboxLimits(timeout_s=2.0)) == 30.0
+    g = Grader(1, timeout_s=10.0, hard_timeout_s=12.0, sandbox=SandboxLimits(timeout_s=20.0))
+    assert g._hard_timeout(GradeItem("", "", "mbpp")) == 27.0 and g._hard_timeout(GradeItem("", "")) == 12.0
+    g.close()
 
 
 def _mbpp_reference_items(rows: list[dict[str, Any]]) -> list[GradeItem]:
