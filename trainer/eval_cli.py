@@ -85,12 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rlkv_trainer.evaluate import evaluate
     from rlkv_trainer.sandbox import SandboxError
 
+    cache = args.cache or default_cache_path(args.out)
     try:
         task = get_task(args.task)
         data = args.data or default_data_path(task)
         if data is None:
             raise DataError(f"--data is required (or set {DATA_ENV} to a folder holding {task.default_file})")
-        cache = args.cache or default_cache_path(args.out)
         result = evaluate(args.base_url, args.model, task, data=data, samples=args.samples,
                           concurrency=args.concurrency, max_tokens=args.max_tokens, temperature=args.temperature,
                           top_p=args.top_p, seed=args.seed, limit=args.limit, split=args.split, cache_path=cache,
