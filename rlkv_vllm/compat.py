@@ -98,6 +98,21 @@ def model_runner_cls():
     return GPUModelRunner
 
 
+def model_runner_name(llm: Any) -> str:
+    """Which model runner an in-process ``LLM`` runs: the runner's class and module (``v1`` or ``v2`` in its
+    path), read from the engine core's executor; the environment's choice when it is not reachable."""
+    core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
+    executor = getattr(core, "model_executor", None)
+    worker = getattr(executor, "driver_worker", None)
+    worker = getattr(worker, "worker", worker)  # WorkerWrapperBase holds the worker
+    runner = getattr(worker, "model_runner", None)
+    if runner is not None:
+        cls = type(runner)
+        return f"{cls.__module__}.{cls.__qualname__}"
+    env = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    return f"unknown (VLLM_USE_V2_MODEL_RUNNER={env!r})"
+
+
 def extract_layer_index(layer_name: str) -> int:
     from vllm.model_executor.models.utils import extract_layer_index as _extract
 

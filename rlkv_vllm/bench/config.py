@@ -8,26 +8,30 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 # TPOT needs a first and a last token
 MIN_OUTPUT_LEN = 2
-STUDIES = ("engine", "latency")
+STUDIES = ("engine", "latency", "steady")
 # settings that define the workload: results measured with different values are not comparable
 WORKLOAD_KEYS = (
     "model", "pattern", "dtype", "load_format", "kv_bytes", "gpu_mem", "max_num_seqs", "max_model_len",
     "block_size", "enforce_eager", "num_prompts", "input_len", "output_len", "temperature", "seed",
-    "detokenize", "batches", "contexts", "latency_output_len",
+    "detokenize", "batches", "contexts", "latency_output_len", "concurrency", "output_dist", "input_min",
+    "input_max", "warmup_s", "window_s",
 )
 LATENCY_ONLY_KEYS = ("batches", "contexts", "latency_output_len")
 THROUGHPUT_ONLY_KEYS = ("num_prompts", "input_len", "output_len")
+STEADY_ONLY_KEYS = ("concurrency", "output_dist", "input_min", "input_max", "warmup_s", "window_s")
 
 
 def workload_keys(study: str) -> tuple[str, ...]:
     """WORKLOAD_KEYS that matter for this kind of study."""
-    skip = THROUGHPUT_ONLY_KEYS if study == "latency" else LATENCY_ONLY_KEYS
+    skip = {"latency": THROUGHPUT_ONLY_KEYS + STEADY_ONLY_KEYS, "engine": LATENCY_ONLY_KEYS + STEADY_ONLY_KEYS,
+            "steady": LATENCY_ONLY_KEYS + ("num_prompts", "input_len")}[study]
     return tuple(k for k in WORKLOAD_KEYS if k not in skip)
 
 
@@ -119,7 +123,7 @@ class BenchSettings:
 
     model: str
     pattern: str | None = None
-    study: Literal["engine", "latency"] = "engine"
+    study: Literal["engine", "latency", "steady"] = "engine"
     dtype: str = "auto"
     load_format: str = "auto"
     kv_bytes: int = 0  # explicit KV budget (kv_cache_memory_bytes); used when gpu_mem is 0
@@ -139,6 +143,14 @@ class BenchSettings:
     batches: list[int] = field(default_factory=lambda: [1, 8])
     contexts: list[int] = field(default_factory=lambda: [1024, 4096, 16384, 32768])
     latency_output_len: int = 128
+    # steady-state workload (workload.py): a closed loop of `concurrency` requests, prompts uniform in
+    # [input_min, input_max], outputs from `output_dist` (reasoning, fixed = output_len, or a file of lengths)
+    concurrency: int = 0  # 0: max_num_seqs + a quarter, so the waiting queue never empties
+    output_dist: str = "reasoning"
+    input_min: int = 100
+    input_max: int = 500
+    warmup_s: float = 60.0
+    window_s: float = 120.0
     # a torch-profiler window over the throughput run (0 steps: none); see step_profile.py
     profile_steps: int = 0
     profile_start: int = 200
@@ -147,6 +159,19 @@ class BenchSettings:
         """The settings that must match for two results to be comparable."""
         d = asdict(self)
         return {k: d[k] for k in workload_keys(self.study)}
+
+    def steady_concurrency(self) -> int:
+        return self.concurrency or self.max_num_seqs + max(16, self.max_num_seqs // 4)
+
+    def output_lengths(self) -> Any:
+        """The steady study's output-length distribution (workload.OutputLengths)."""
+        from .workload import REASONING_CAP, OutputLengths
+
+        if self.output_dist == "reasoning":
+            return OutputLengths.reasoning()
+        if self.output_dist == "fixed":
+            return OutputLengths.fixed(self.output_len)
+        return OutputLengths.from_file(self.output_dist, min(REASONING_CAP, self.max_model_len - self.input_max))
 
     def latency_cells(self) -> list[tuple[int, int]]:
         """(batch, context) cells; contexts clipped so context + output fits max_model_len."""
@@ -175,6 +200,25 @@ def validate_settings(s: BenchSettings) -> None:
         raise bench_error("kv_bytes", s.kv_bytes, "must be a positive byte count when gpu_mem is 0")
     if not (math.isfinite(s.temperature) and s.temperature >= 0):
         raise bench_error("temperature", s.temperature, "must be a number >= 0")
+    if s.study == "steady":
+        if not (isinstance(s.input_min, int) and 1 <= s.input_min <= s.input_max):
+            raise bench_error("input_min", s.input_min, f"must be an integer in [1, input_max {s.input_max}]")
+        if s.concurrency < 0:
+            raise bench_error("concurrency", s.concurrency, "must be a positive integer, or 0 for max_num_seqs + 25%")
+        if s.concurrency and s.concurrency <= s.max_num_seqs:
+            raise bench_error("concurrency", s.concurrency, f"must exceed max_num_seqs {s.max_num_seqs}: the "
+                              "closed loop keeps more requests than any config can run")
+        if not (s.warmup_s >= 0 and s.window_s > 0):
+            raise bench_error("window_s", s.window_s, "must be > 0 (and warmup_s >= 0)")
+        if s.output_dist not in ("reasoning", "fixed") and not os.path.isfile(s.output_dist):
+            raise bench_error("output_dist", s.output_dist, "must be reasoning, fixed, or a file of lengths")
+        try:
+            longest = s.output_lengths().lengths[-1]
+        except ValueError as e:
+            raise bench_error("output_dist", s.output_dist, str(e)) from None
+        if s.input_max + longest > s.max_model_len:
+            raise bench_error("max_model_len", s.max_model_len, f"must hold input_max {s.input_max} + the longest "
+                              f"output {longest} = {s.input_max + longest}")
     if s.study == "engine" and s.input_len + s.output_len > s.max_model_len:
         raise bench_error("input_len", s.input_len,
                           f"input_len + output_len must fit max_model_len {s.max_model_len}")
@@ -275,6 +319,18 @@ def add_bench_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None
     p.add_argument("--contexts", nargs="+", type=positive_int, default=[1024, 4096, 16384, 32768],
                    help="clipped to max_model_len - latency output length")
     p.add_argument("--latency-output-len", type=positive_int, default=128)
+    p.add_argument("--steady", action="store_true",
+                   help="steady-state mode: a closed loop keeps --concurrency requests in the engine; tok/s, mean "
+                        "running and TPOT over --window-s after --warmup-s (no ramp, no tail)")
+    p.add_argument("--concurrency", type=nonneg_int, default=0,
+                   help="steady: requests kept in the engine (default max_num_seqs + 25%%: more than any config runs)")
+    p.add_argument("--output-dist", default="reasoning",
+                   help="steady: output lengths: reasoning (R1-distill MATH-500 traces, modelled: see "
+                        "rlkv_vllm/bench/workload.py), fixed (--output-len), or a file with one length per line")
+    p.add_argument("--input-range", nargs=2, type=positive_int, default=[100, 500], metavar=("MIN", "MAX"),
+                   help="steady: prompt lengths, uniform (default 100 500)")
+    p.add_argument("--warmup-s", type=nonneg_float, default=60.0, help="steady: seconds before the window")
+    p.add_argument("--window-s", type=nonneg_float, default=120.0, help="steady: the measured window's seconds")
     p.add_argument("--profile-steps", type=nonneg_int, default=0,
                    help="profile this many engine steps of the throughput run (torch profiler): device time "
                         "per kernel category per step, in each config's result (0: off)")

@@ -223,6 +223,142 @@ def drive(llm: Any, probe: SchedulerProbe | None, prompts: list[list[int]], para
     return res
 
 
+def drive_steady(llm: Any, probe: SchedulerProbe | None, loop: Any, concurrency: int, primed: int, vocab: int,
+                 make_params: Callable[[int], Any], warmup_s: float, window_s: float, deadline: float | None,
+                 profile_steps: int = 0, on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    """The steady-state study: keep ``concurrency`` requests in the engine (a finished one is replaced at
+    once by the next of ``loop``, a :class:`workload.ClosedLoop`), warm up for ``warmup_s``, then measure
+    for ``window_s``: output tok/s, mean running, TPOT and step times of the window only (no ramp, no tail).
+
+    ``concurrency`` must exceed what any compared config can run, so the waiting queue never empties and
+    every config runs at its own capacity. The first ``primed`` requests start in equilibrium (their ages
+    folded into their prompts, see workload.py): about as many as the config can hold, so the ages' prefill
+    is paid once in the warm-up; the rest of the queue is fresh. Requests still unfinished at the end are
+    aborted (freed).
+    ``profile_steps``: profile that many steps from the window's start.
+    """
+    engine = llm.llm_engine
+    rng = random.Random(loop.rng.random())
+    live: dict[str, tuple[int, int]] = {}  # request id -> (tokens generated, tokens it asked for)
+    seq = 0
+
+    def submit(shape: Any) -> None:
+        nonlocal seq
+        rid = f"st-{seq}"
+        seq += 1
+        lo = 4 if vocab > 8 else 0
+        toks = [rng.randrange(lo, vocab) for _ in range(shape.prompt_len)]
+        engine.add_request(rid, {"prompt_token_ids": toks}, make_params(shape.output_len))
+        live[rid] = (0, shape.output_len)
+
+    if probe:
+        probe.reset()
+    t0 = time.perf_counter()
+    for shape in loop.primed(min(primed, concurrency)):
+        submit(shape)
+    for _ in range(concurrency - min(primed, concurrency)):
+        submit(loop.next())
+    w0 = t0 + warmup_s
+    w1 = w0 + window_s
+    profiler: StepProfiler | None = None
+    in_window = False
+    probe_at = 0
+    win = dict(tokens=0, steps=0, finished=0, decode_only_steps=0)
+    step_s: list[float] = []
+    decode_only_s: list[float] = []
+    first_in: dict[str, float] = {}
+    last_in: dict[str, float] = {}
+    n_in: dict[str, int] = {}
+    def clock() -> float:  # the profiler's own start and trace reduction are not the engine's time
+        return time.perf_counter() - (profiler.overhead_s if profiler else 0.0)
+
+    prev = last_report = clock()
+    truncated = False
+    while True:
+        now = clock()
+        if not in_window and now >= w0:
+            in_window, prev = True, now
+            probe_at = len(probe.running) if probe else 0
+            if profile_steps:
+                profiler = StepProfiler(0, profile_steps)
+        if in_window and now >= w1:
+            break
+        if deadline is not None and time.time() > deadline:
+            truncated = True
+            break
+        if profiler:
+            profiler.before_step()
+        outs = engine.step()
+        if profiler:
+            profiler.after_step()
+        now = clock()
+        prefilled = False
+        done: list[str] = []
+        for o in outs:
+            rid = o.request_id
+            if rid not in live:
+                continue
+            n = len(o.outputs[0].token_ids) if o.outputs else 0
+            got, want = live[rid]
+            if n and got == 0:
+                prefilled = True
+            got += n
+            live[rid] = (got, want)
+            if in_window and n:
+                win["tokens"] += n
+                first_in.setdefault(rid, now)
+                last_in[rid] = now
+                n_in[rid] = n_in.get(rid, 0) + n
+            if got >= want or getattr(o, "finished", False):
+                done.append(rid)
+        if in_window:
+            win["steps"] += 1
+            step_s.append(now - prev)
+            if not prefilled:
+                win["decode_only_steps"] += 1
+                decode_only_s.append(now - prev)
+        prev = now
+        for rid in done:
+            del live[rid]
+            submit(loop.next())
+            if in_window:
+                win["finished"] += 1
+        if on_progress and now - last_report >= progress.PROGRESS_EVERY_S:
+            last_report = now
+            on_progress(dict(phase="window" if in_window else "warm-up", tokens=win["tokens"],
+                             elapsed_s=round(now - t0, 1),
+                             running=probe.running[-1] if probe and probe.running else None))
+    end = clock()
+    if profiler:
+        profiler.close()
+    engine.abort_request(list(live))  # the loop's leftovers: freed, not counted
+    while engine.has_unfinished_requests():  # let the aborts land, so the engine is clean for the caller
+        engine.step()
+    measured_s = max(end - w0, 0.0) if in_window else 0.0
+    tpots = [(last_in[r] - first_in[r]) / (n_in[r] - 1) for r in first_in if n_in[r] >= 2]
+    res: dict[str, Any] = dict(
+        concurrency=concurrency, primed=min(primed, concurrency), warmup_s=warmup_s, window_s=window_s, measured_s=measured_s,
+        truncated=truncated or not in_window, output_tokens=win["tokens"],
+        output_tok_s=win["tokens"] / measured_s if measured_s > 0 else None,
+        requests_finished=win["finished"], steps=win["steps"],
+        step_mean_s=mean(step_s), step_p50_s=percentile(step_s, 50), step_p90_s=percentile(step_s, 90),
+        decode_steps=win["decode_only_steps"], decode_step_mean_s=mean(decode_only_s),
+        decode_step_p50_s=percentile(decode_only_s, 50),
+        tpot_mean_s=mean(tpots), tpot_p50_s=percentile(tpots, 50), tpot_p90_s=percentile(tpots, 90),
+        decode_step_rule="a step in which no request got its first token (no prompt finished its prefill)",
+    )
+    if probe and len(probe.running) > probe_at:
+        run = probe.running[probe_at:]
+        res.update(mean_running=mean(run), min_running=min(run), max_running=max(run),
+                   mean_waiting=mean(probe.waiting[probe_at:]) if probe.waiting else None,
+                   mean_kv_usage=mean(probe.kv_usage[probe_at:]) if probe.kv_usage else None,
+                   preemptions=probe.preemptions,
+                   mean_running_source="scheduler: len(running) at each batch of the window")
+    if profiler and profiler.result:
+        res["profile"] = profiler.result.to_dict()
+    return res
+
+
 def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     """Reproducible random token ids, avoiding the lowest ids (special tokens in most vocabularies)."""
     rng = random.Random(seed)
@@ -269,6 +405,9 @@ def run_child(s: BenchSettings, cfg: EngineConfig, deadline: float | None) -> tu
     res["engine_start_s"] = time.perf_counter() - t
     res["enforce_eager"] = kw["enforce_eager"]
     res["device"] = device_name()
+    from ..compat import model_runner_name
+
+    res["model_runner"] = model_runner_name(llm)
     vc = llm.llm_engine.vllm_config
     cc, sc = vc.cache_config, vc.scheduler_config
     res.update(num_blocks=int(cc.num_gpu_blocks), block_size=int(cc.block_size),
@@ -302,6 +441,15 @@ def run_child(s: BenchSettings, cfg: EngineConfig, deadline: float | None) -> tu
             # trace reduction do not (drive's clock)
             res["profile"] = profiler.result.to_dict() if profiler.result else dict(
                 status="not reached", start=s.profile_start, steps=s.profile_steps)
+    elif s.study == "steady":
+        from .workload import ClosedLoop
+
+        loop = ClosedLoop(s.output_lengths(), s.input_min, s.input_max, s.max_model_len, s.seed)
+        primed = loop.primed_count(res["capacity_tokens"], s.max_num_seqs)
+        res["steady"] = drive_steady(llm, probe, loop, s.steady_concurrency(), primed, vocab,
+                                     lambda n: params(n, s.temperature), s.warmup_s, s.window_s, deadline,
+                                     s.profile_steps, reporter("steady"))
+        res["steady"]["output_lengths"] = s.output_lengths().describe()
     else:
         cells = []
         for i, (b, c) in enumerate(s.latency_cells()):
@@ -316,7 +464,8 @@ def run_child(s: BenchSettings, cfg: EngineConfig, deadline: float | None) -> tu
             cells.append(r)
             progress.emit("cell", batch=b, context=c, tpot_mean_s=r["tpot_mean_s"], gen_s=round(r["gen_s"], 1))
         res["latency"] = cells
-    cut = res.get("throughput", {}).get("truncated") or any(c["status"] != "ok" for c in res.get("latency", []))
+    cut = (res.get("throughput", res.get("steady", {})).get("truncated")
+           or any(c["status"] != "ok" for c in res.get("latency", [])))
     res["status"] = "truncated" if cut else "ok"
     return res, llm
 

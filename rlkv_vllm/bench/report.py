@@ -44,7 +44,26 @@ def format_table(study: dict[str, Any]) -> str:
     base = study["ratios"]["base"]
     lines = [f"{study['study']} study on {study.get('device') or '?'}, vLLM {study.get('vllm') or '?'}; "
              f"ratios vs {base or '- (no stock config measured)'}"]
-    if study["study"] == "engine":
+    if study["study"] == "steady":
+        st = study.get("settings", {})
+        lines.append(f"steady state: {st.get('concurrency') or 'max_num_seqs + 25%'} requests kept in the engine, "
+                     f"prompts {st.get('input_min')}-{st.get('input_max')}, outputs {st.get('output_dist')}; "
+                     f"window {st.get('window_s')} s after {st.get('warmup_s')} s of warm-up")
+        lines.append(f"{'config':<16} {'status':<9} {'out tok/s':>10} {'running':>8} {'TPOT ms':>8} {'step ms':>8} "
+                     f"{'dec step':>8} {'preempt':>7} {'capacity':>10} | {'tok/s x':>7} {'run x':>6} "
+                     f"{'step x':>6} {'cap x':>6}")
+        for r in study["results"]:
+            t = r.get("steady") or {}
+            q = ratios.get(r["config"], {})
+            lines.append(
+                f"{r['config']:<16} {r['status']:<9} {_fnum(t.get('output_tok_s')):>10} "
+                f"{_fnum(t.get('mean_running')):>8} {fmt_ms(t.get('tpot_mean_s')):>8} {fmt_ms(t.get('step_mean_s')):>8} "
+                f"{fmt_ms(t.get('decode_step_mean_s')):>8} {_fnum(t.get('preemptions'), ',d'):>7} "
+                f"{_fnum(r.get('capacity_tokens'), ',d'):>10} | {_fx(q.get('output_tok_s')):>7} "
+                f"{_fx(q.get('mean_running')):>6} {_fx(q.get('step_mean')):>6} {_fx(q.get('capacity')):>6}")
+        lines.extend(format_profiles([{**r, "profile": (r.get("steady") or {}).get("profile")}
+                                      for r in study["results"]]))
+    elif study["study"] == "engine":
         lines.append(f"{'config':<16} {'status':<9} {'start s':>7} {'out tok/s':>10} {'TPOT ms':>8} {'p50':>7} "
                      f"{'p90':>7} {'running':>8} {'preempt':>7} {'capacity':>10} | "
                      f"{'tok/s x':>7} {'TPOT x':>7} {'cap x':>7}")
@@ -95,6 +114,9 @@ def format_event(ev: dict[str, Any]) -> str | None:
     kind = ev.get("event")
     if kind == "engine_start":
         return f"engine up in {ev['engine_start_s']:.1f} s, KV capacity {_fnum(ev.get('capacity_tokens'), ',d')} tokens"
+    if kind == "progress" and "phase" in ev:
+        running = "" if ev.get("running") is None else f", {ev['running']} running"
+        return f"steady state, {ev['phase']} {ev['elapsed_s']:.0f} s: {ev['tokens']:,} tokens in the window{running}"
     if kind == "progress":
         part = "" if ev.get("part") in (None, "throughput") else f"{ev['part']}, "
         running = "" if ev.get("running") is None else f", {ev['running']} running"
@@ -108,7 +130,7 @@ def format_event(ev: dict[str, Any]) -> str | None:
 def format_finished(r: dict[str, Any]) -> str:
     """The line that closes a config: its status, wall time and headline figures."""
     line = f"{r['status']} in {r['wall_s']:.0f} s"
-    t = r.get("throughput")
+    t = r.get("throughput") or r.get("steady")
     if t:
         line += (f": {_fnum(t.get('output_tok_s'))} out tok/s, mean running {_fnum(t.get('mean_running'))}, "
                  f"TPOT {fmt_ms(t.get('tpot_mean_s'))} ms")

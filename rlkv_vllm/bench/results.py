@@ -36,20 +36,23 @@ def compute_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
     if base is None:
         return {"base": None, "note": "no stock config with figures: nothing to divide by", "rows": []}
     rows = []
-    bt = base.get("throughput") or {}
+    bt = base.get("throughput") or base.get("steady") or {}
     bcells = {(c["batch"], c["context"]): c for c in base.get("latency") or []}
     for r in results:
         if r.get("status") not in ("ok", "truncated"):
             continue
         row: dict[str, Any] = {"config": r["config"],
                                "capacity": _ratio(r.get("capacity_tokens"), base.get("capacity_tokens"))}
-        t = r.get("throughput")
+        t = r.get("throughput") or r.get("steady")
         if t is not None:
             row["output_tok_s"] = _ratio(t.get("output_tok_s"), bt.get("output_tok_s"))
             row["total_tok_s"] = _ratio(t.get("total_tok_s"), bt.get("total_tok_s"))
             row["tpot_mean"] = _ratio(t.get("tpot_mean_s"), bt.get("tpot_mean_s"))
             row["tpot_p90"] = _ratio(t.get("tpot_p90_s"), bt.get("tpot_p90_s"))
             row["mean_running"] = _ratio(t.get("mean_running"), bt.get("mean_running"))
+            if "steady" in r:  # the step against stock's at its own running count
+                row["step_mean"] = _ratio(t.get("step_mean_s"), bt.get("step_mean_s"))
+                row["decode_step_mean"] = _ratio(t.get("decode_step_mean_s"), bt.get("decode_step_mean_s"))
         if r.get("latency") is not None:
             row["tpot"] = [
                 dict(batch=c["batch"], context=c["context"],

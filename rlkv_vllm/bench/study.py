@@ -37,7 +37,7 @@ def settings_from_args(a: argparse.Namespace, cache_dir: str) -> BenchSettings:
         pattern = pattern or tiny_pattern
     s = BenchSettings(
         model=model, pattern=os.path.abspath(pattern) if pattern else None,
-        study="latency" if a.latency else "engine",
+        study="latency" if a.latency else "steady" if a.steady else "engine",
         # vLLM's "auto" casts fp32 checkpoints to 16 bits; the tiny model is meant for fp32
         dtype="float32" if tiny and a.dtype == "auto" else a.dtype, load_format=a.load_format,
         kv_bytes=a.kv_bytes, gpu_mem=a.gpu_mem, max_num_seqs=a.max_num_seqs,
@@ -45,6 +45,8 @@ def settings_from_args(a: argparse.Namespace, cache_dir: str) -> BenchSettings:
         enforce_eager=a.enforce_eager, num_prompts=a.num_prompts, input_len=a.input_len, output_len=a.output_len,
         temperature=a.temperature, seed=a.seed, detokenize=a.detokenize, batches=list(a.batches),
         contexts=list(a.contexts), latency_output_len=a.latency_output_len,
+        concurrency=a.concurrency, output_dist=a.output_dist, input_min=a.input_range[0],
+        input_max=a.input_range[1], warmup_s=a.warmup_s, window_s=a.window_s,
         profile_steps=a.profile_steps, profile_start=a.profile_start)
     validate_settings(s)
     if any(c.kind != "stock" for c in a.configs) and not s.pattern:
