@@ -33,6 +33,11 @@ class Sequence:
     completion: list[int]
 
 
+def checkpointed_layers(model: Any) -> list[Any]:
+    """The modules transformers recomputes in the backward pass when gradient checkpointing is on."""
+    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
 class GatedPolicy:
     """The frozen model plus ``alpha``.
 
@@ -55,6 +60,12 @@ class GatedPolicy:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.model.eval()  # no dropout: the sampler ran without it
+        if gradient_checkpointing:
+            # transformers checkpoints a layer only while it is in training mode: flag the decoder layers
+            # alone (not their children, so attention dropout stays off) or eval() silently keeps every
+            # layer's activations (an 8B model's 7K-token rollouts then do not fit a GPU)
+            for layer in checkpointed_layers(model):
+                layer.training = True
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",

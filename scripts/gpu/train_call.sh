@@ -11,7 +11,9 @@ t0=$(date +%s)
 [ -d /tmp/site_train/ray ] || { echo "no /tmp/site_train: the machine went cold after call 1; run call 1 again"; exit 3; }
 source scripts/gpu/setup.sh > $OUT/setup.log 2>&1 || { cat $OUT/setup.log; exit 1; }
 unset TRITON_F32_DEFAULT  # bf16 timing runs: vLLM's defaults
-export PYTHONPATH=/tmp/site_train:$PYTHONPATH
+# rlkv_trainer is trainer/ (package_dir in setup.py): a link makes it importable without installing
+mkdir -p /tmp/site_rlkv && ln -sfn "$PWD/trainer" /tmp/site_rlkv/rlkv_trainer
+export PYTHONPATH=/tmp/site_train:/tmp/site_rlkv:$PYTHONPATH
 python3 -c "import ray, math_verify, rlkv_trainer; print('ray', ray.__version__, 'math-verify ok')" || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee $OUT/gpu.txt
 echo "setup $(( $(date +%s) - t0 ))s"

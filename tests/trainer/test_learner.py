@@ -94,6 +94,31 @@ def test_micro_batches_do_not_change_the_update(tiny_model):
     assert (after[0] != 1.0).any()  # the step moved the gates
 
 
+def test_gradient_checkpointing_recomputes_layers_and_keeps_the_gradient(tiny_model):
+    """transformers checkpoints a layer only in training mode; the policy is in eval mode (no dropout), so it
+    flags the decoder layers alone: each layer's attention runs twice per backward (forward + recompute),
+    dropout stays off, and alpha's gradient is the one without checkpointing."""
+    from transformers import AutoModelForCausalLM
+
+    seqs = [Sequence(s.prompt, s.completion) for s in _samples(5)]
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64)
+        policy = GatedPolicy(model, sink=2, recent=3, gradient_checkpointing=checkpointing)
+        policy.alpha.data = torch.rand(policy.alpha.shape, generator=torch.Generator().manual_seed(7))
+        attn = model.model.layers[1].self_attn
+        assert not attn.training and not model.training
+        n = [0]
+        hook = attn.register_forward_hook(lambda *_: n.__setitem__(0, n[0] + 1))
+        lps = policy.completion_logprobs(seqs, SPEC)
+        sum(lp.sum() for lp in lps).backward()
+        hook.remove()
+        calls.append(n[0])
+        grads.append(policy.alpha.grad.clone())
+    assert calls == [1, 2]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
 def test_state_dict_round_trip(tiny_model):
     samples, rewards = _samples(4), [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
     a = Learner(_policy(tiny_model), Objective(ObjectiveConfig()), spec=SPEC, lr=1e-2, weight_decay=0.017)
