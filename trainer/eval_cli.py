@@ -1,6 +1,6 @@
 """``rlkv eval``: one benchmark against an OpenAI-compatible endpoint (``rlkv serve``, stock vLLM, any other).
 
-    rlkv eval --base-url URL --model NAME --task gsm8k|math500|aime24|mbpp|mmlu-pro[:category]
+    rlkv eval --base-url URL --model NAME --task gsm8k|math500|aime24|mbpp|mmlu-pro[:category]|prompts[:math]
               [--data PATH] [--samples K] [--concurrency N] [--max-tokens M] [--temperature T]
               [--limit N] --out FILE.json
 
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "http://localhost:8000/v1")
     p.add_argument("--model", required=True, metavar="NAME", help="the served model name (--served-model-name)")
     p.add_argument("--task", required=True, metavar="TASK",
-                   help=f"one of {', '.join(TASK_NAMES)}, or mmlu-pro:CATEGORY (e.g. mmlu-pro:law)")
+                   help=f"one of {', '.join(TASK_NAMES)}, or mmlu-pro:CATEGORY (e.g. mmlu-pro:law); prompts: your own "
+                        "JSONL {prompt, answer} sent as it is, graded by the last number (prompts:math: math-verify)")
     p.add_argument("--data", metavar="PATH", help="the benchmark's local file in its public format (JSONL, "
                    f"parquet) or a Hugging Face dataset folder; default: ${DATA_ENV}/<task file> "
                    "(gsm8k_test.jsonl, math500_test.jsonl, aime24_test.jsonl, mbpp.jsonl, mmlu_pro_test.parquet)")

@@ -131,6 +131,14 @@ def _mmlu_pro(row: Mapping[str, Any], where: str, default_id: str) -> EvalItem:
     return EvalItem(str(rid), prompt, letter, "mmlu_pro", _meta(row, "category", "src"))
 
 
+def _prompts(row: Mapping[str, Any], where: str, default_id: str) -> EvalItem:
+    prompt, answer = _need(row, where, "prompt", "answer")
+    return EvalItem(str(row.get("id", default_id)), str(prompt), str(answer), "gsm8k")
+
+
+# the trainer's data format; the grading kind for ``prompts:KIND``
+PROMPT_KINDS = {"number": "gsm8k", "math": "math"}
+
 _TASKS: dict[str, Task] = {
     "gsm8k": Task("gsm8k", "gsm8k", MATH_TEMPLATE, "evalscope gsm8k (0-shot chat); answer: lm-eval flexible-extract",
                   "gsm8k_test.jsonl", _gsm8k),
@@ -142,6 +150,9 @@ _TASKS: dict[str, Task] = {
                  "code block, run with the asserts", "mbpp.jsonl", _mbpp),
     "mmlu-pro": Task("mmlu-pro", "mmlu_pro", MMLU_PRO_TEMPLATE, "TIGER-AI-Lab MMLU-Pro (0-shot CoT); answer: its "
                      "letter extraction", "mmlu_pro_test.parquet", _mmlu_pro),
+    "prompts": Task("prompts", "gsm8k", "{prompt}", "your own JSONL rows {prompt, answer} (rlkv train's data "
+                    "format), each prompt sent as it is; answer: the boxed or last number (prompts:math: "
+                    "math-verify)", "prompts.jsonl", _prompts),
 }
 TASK_NAMES: tuple[str, ...] = tuple(_TASKS)
 DATA_ENV = "RLKV_EVAL_DATA"  # a folder holding the default file names (the repository's ../shared/data/eval)
@@ -152,8 +163,15 @@ def get_task(spec: str) -> Task:
     name, _, category = spec.partition(":")
     name = name.strip().lower()
     if name not in _TASKS:
-        raise DataError(f"--task {spec!r}: unknown task; allowed: {', '.join(TASK_NAMES)}, mmlu-pro:CATEGORY")
+        raise DataError(f"--task {spec!r}: unknown task; allowed: {', '.join(TASK_NAMES)}, mmlu-pro:CATEGORY, "
+                        f"prompts:{'|'.join(PROMPT_KINDS)}")
     task = _TASKS[name]
+    if name == "prompts" and category:
+        kind = PROMPT_KINDS.get(category.strip().lower())
+        if kind is None:
+            raise DataError(f"--task {spec!r}: prompts grades as {' or '.join(PROMPT_KINDS)}, not {category!r}")
+        return Task(**{**task.__dict__, "kind": kind, "category": category.strip().lower(),
+                       "build": lambda row, where, did: EvalItem(**{**_prompts(row, where, did).__dict__, "kind": kind})})
     if category:
         if name != "mmlu-pro":
             raise DataError(f"--task {spec!r}: only mmlu-pro takes a :CATEGORY")
@@ -188,7 +206,7 @@ def load_items(task: Task, path: str, *, split: str | None = None, limit: int | 
         item = task.build(row, where, default_id)
         if mbpp_split == "test" and int(item.meta["task_id"]) not in MBPP_TEST_IDS:
             continue
-        if task.category is not None:
+        if task.category is not None and task.name == "mmlu-pro":
             category = str(item.meta.get("category", "")).lower()
             categories.add(category)
             if category != task.category:
@@ -200,7 +218,7 @@ def load_items(task: Task, path: str, *, split: str | None = None, limit: int | 
         if limit is not None and len(items) >= limit:
             break
     if not items:
-        if task.category is not None:
+        if task.category is not None and task.name == "mmlu-pro":
             raise DataError(f"--task {task.label}: no item of category {task.category!r} in {path}; categories: "
                             f"{', '.join(sorted(categories)) or 'none'}")
         raise DataError(f"{path}: no items for {task.name}")

@@ -123,6 +123,25 @@ def test_mmlu_pro_format_template_and_categories(mmlu_files) -> None:
     assert MMLU_PRO_TEMPLATE.count("{") == 3 and MBPP_TEMPLATE.count("{") == 2
 
 
+def test_prompts_task_reads_the_trainer_format_and_sends_prompts_as_they_are(tmp_path, pool) -> None:
+    f = tmp_path / "p.jsonl"
+    rows = [{"prompt": "ba ko 42 te ?", "answer": "42"}, {"id": "x", "prompt": "What is 1/2 + 1/4?", "answer": "3/4"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = load_items(get_task("prompts"), str(f))
+    assert [(i.id, i.prompt, i.gold, i.kind) for i in items] == [
+        ("p.jsonl:1", "ba ko 42 te ?", "42", "gsm8k"), ("x", "What is 1/2 + 1/4?", "3/4", "gsm8k")]
+    math = load_items(get_task("prompts:math"), str(f))
+    assert [i.kind for i in math] == ["math", "math"] and get_task("prompts:math").label == "prompts:math"
+    # the last number grades the first; math-verify the fraction
+    from rlkv_trainer.grading import GradeItem
+
+    verdicts = pool.grade([GradeItem("42", "42", "gsm8k"), GradeItem("\\boxed{0.75}", "3/4", "math"),
+                           GradeItem("41", "42", "gsm8k")])
+    assert [v.correct for v in verdicts] == [True, True, False]
+    with pytest.raises(DataError, match=r"prompts grades as number or math, not 'code'"):
+        get_task("prompts:code")
+
+
 def test_data_errors_are_one_line(tmp_path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "options": ["a", "b"], "answer": "E", "category": "x"}) + "\n")
