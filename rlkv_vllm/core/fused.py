@@ -48,6 +48,12 @@ BLOCK = 128
 # bound on the bool elements of one chunk of the dense mask evaluated to build a BlockMask
 _MASK_CHUNK_ELEMS = 1 << 24
 
+# the full branch's window: no position reaches it, so the Lambda mask is plain causal
+_NO_WINDOW = 2**62
+# torch.compile's graphs per function before it falls back to eager flex_attention (which would
+# materialise the scores): batch sizes and lengths of 1 block get graphs of their own
+_RECOMPILE_LIMIT = 64
+
 _compiled_flex: Callable[..., torch.Tensor] | None = None
 
 
@@ -59,9 +65,25 @@ def _flex(device: torch.device) -> Callable[..., torch.Tensor]:
     if device.type != "cuda":
         return _eager_flex
     if _compiled_flex is None:
-        # dynamic: micro-batches change B and T at every step; one graph serves them all
-        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+        import torch._dynamo
+
+        cfg = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+            if isinstance(getattr(cfg, name, None), int) and getattr(cfg, name) < _RECOMPILE_LIMIT:
+                setattr(cfg, name, _RECOMPILE_LIMIT)
+        # automatic dynamic shapes: the inputs' batch and length dims are marked dynamic
+        # (``_dynamic``), so micro-batches of new shapes reuse the graphs
+        _compiled_flex = torch.compile(flex_attention)
     return _compiled_flex
+
+
+def _dynamic(t: torch.Tensor, *dims: int) -> torch.Tensor:
+    """Tell torch.compile these dims change from call to call (no error if it specialises them)."""
+    import torch._dynamo
+
+    for d in dims:
+        torch._dynamo.maybe_mark_dynamic(t, d)
+    return t
 
 
 def _eager_flex(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -73,20 +95,18 @@ def _eager_flex(*args: Any, **kwargs: Any) -> torch.Tensor:
 
 
 def _mask_mod(real_k: torch.Tensor, pos_k: torch.Tensor, real_q: torch.Tensor, pos_q: torch.Tensor,
-              window: tuple[int, int] | None) -> Callable[..., torch.Tensor]:
-    """flex_attention mask_mod(b, h, q_idx, kv_idx) -> bool. real_k, pos_k: [B, Tk'] and real_q,
-    pos_q: [B, Tq'] (padded to whole blocks); window: (sink, recent) for the streaming branch,
-    None for the full causal one. Also evaluated on broadcast index tensors to build the blocks."""
-    if window is None:
-        def full(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-            return real_k[b, kv_idx] & real_q[b, q_idx] & (pos_k[b, kv_idx] <= pos_q[b, q_idx])
-        return full
-    sink, recent = window
-
-    def streaming(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+              sink: torch.Tensor, recent: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """flex_attention mask_mod(b, h, q_idx, kv_idx) -> bool: key real & query real & causal by
+    position & (pos_k < sink | pos_q - pos_k < recent). real_k, pos_k: [B, Tk'] and real_q, pos_q:
+    [B, Tq'] (padded to whole blocks); sink, recent: int64 0-dim tensors (the full causal branch
+    passes values no position reaches). One code object and tensor-held windows: a compiled
+    flex_attention sees the same function for both branches and every batch, so it does not
+    recompile per branch or per window (it guards on the code and on Python ints' values).
+    Also evaluated on broadcast index tensors to build the blocks."""
+    def lambda_mask(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
         pk, pq = pos_k[b, kv_idx], pos_q[b, q_idx]
         return real_k[b, kv_idx] & real_q[b, q_idx] & (pk <= pq) & ((pk < sink) | (pq - pk < recent))
-    return streaming
+    return lambda_mask
 
 
 def _ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +173,8 @@ class PaddingMasks:
         # padded to whole blocks, so the kernels' block-wide index loads stay in bounds
         real_k, pos_k = pad(self.real_k, nk, False), pad(self.pos_k, nk, 0)
         real_q, pos_q = pad(self.real_k[:, tk - tq:], nq, False), pad(self.pos_k[:, tk - tq:], nq, 0)
-        mod = _mask_mod(real_k, pos_k, real_q, pos_q, window)
+        sink, recent = window if window is not None else (_NO_WINDOW, _NO_WINDOW)
+        mod = _mask_mod(real_k, pos_k, real_q, pos_q, torch.tensor(sink, device=dev), torch.tensor(recent, device=dev))
         any_ = torch.empty(b, nq, nk, dtype=torch.bool, device=dev)
         all_ = torch.empty_like(any_)
         rows = max(1, _MASK_CHUNK_ELEMS // max(1, b * nk * BLOCK * BLOCK))  # query blocks per chunk
@@ -167,8 +188,16 @@ class PaddingMasks:
             all_[:, s:e] = m.all(4).all(2)
         kv_num, kv_idx = _ordered(any_ & ~all_)
         full_num, full_idx = _ordered(all_)
-        return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=mod,
-                                        seq_lengths=(tq, tk))
+        bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=mod,
+                                      seq_lengths=(tq, tk))
+        # batch and block counts change from batch to batch (the head dim, 1, does not)
+        for t in (real_k, pos_k, real_q, pos_q):
+            _dynamic(t, 0, 1)
+        for t in (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, bm.q_num_blocks,
+                  bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices):
+            if t is not None:
+                _dynamic(t, 0, *range(2, t.dim()))
+        return bm
 
 
 class _Mix(torch.autograd.Function):
@@ -259,6 +288,8 @@ def fused_attention_bhtd(
         v = torch.where(keep, v, 0.0)
         q = torch.where(keep[:, :, tk - tq:], q, 0.0)
     flex = _flex(dev)
+
+    q, k, v = (_dynamic(x, 0, 2) for x in (q, k, v))  # batch and length change between micro-batches
 
     def flex_branch(window: tuple[int, int] | None) -> torch.Tensor:
         return flex(q, k, v, block_mask=masks.block_mask(tq, window), scale=scale, enable_gqa=g > 1)
