@@ -46,7 +46,7 @@ from .batched import key_padding
 # flex_attention's sparse block (tokens per side of a BlockMask tile)
 BLOCK = 128
 # bound on the bool elements of one chunk of the dense mask evaluated to build a BlockMask
-_MASK_CHUNK_ELEMS = 1 << 24
+_MASK_CHUNK_ELEMS = 1 << 22
 
 # the full branch's window: no position reaches it, so the Lambda mask is plain causal
 _NO_WINDOW = 2**62
@@ -58,7 +58,8 @@ _compiled_flex: Callable[..., torch.Tensor] | None = None
 
 
 def _flex(device: torch.device) -> Callable[..., torch.Tensor]:
-    """flex_attention: compiled on CUDA (built on first use), eager elsewhere."""
+    """flex_attention: compiled on CUDA (built on first use; raises torch._dynamo's recompile limit
+    to ``_RECOMPILE_LIMIT``, process-wide), eager elsewhere."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -132,25 +133,36 @@ class PaddingMasks:
         if tuple(real_k.shape) != (batch, num_keys):
             raise ValueError(f"padding mask must be [B, Tk] = [{batch}, {num_keys}], got {list(real_k.shape)}")
         self.real_k = real_k.to(device=device, dtype=torch.bool)
-        self.batch, self.num_keys, self.device = batch, num_keys, torch.device(device)
+        self.batch, self.num_keys, self.device = batch, num_keys, self.real_k.device
         self.pos_k = self.real_k.long().cumsum(1) - 1  # [B, Tk] position among the row's real tokens
         counts = self.real_k.sum(1, keepdim=True)
         prefix = torch.arange(num_keys, device=self.device)[None, :] < counts
-        self.padded, self.right_padded = (bool(x) for x in torch.stack([~self.real_k.all(), (self.real_k == prefix).all()])
-                                          .cpu())
+        flags = torch.stack([~self.real_k.all(), (self.real_k == prefix).all()]).cpu()
+        self.padded, self.right_padded = bool(flags[0]), bool(flags[1])
         self._blocks: dict[tuple[Any, ...], Any] = {}
+        self._moved: dict[torch.device, PaddingMasks] = {}
+
+    def on(self, device: torch.device) -> "PaddingMasks":
+        """These masks on ``device``: self, or one copy per device (built once, so the layers that
+        ask for it still share its BlockMasks)."""
+        device = torch.device(device)
+        if device == self.device or (device.type == self.device.type and device.index is None):
+            return self
+        if device not in self._moved:
+            self._moved[device] = PaddingMasks(self.real_k.to(device), self.batch, self.num_keys, device)
+        return self._moved[device]
 
     @classmethod
     def of(cls, attention_mask: Any, batch: int, num_keys: int, device: torch.device,
            seq_lens: torch.Tensor | None = None) -> "PaddingMasks":
-        """From a PaddingMasks (returned as it is), a [B, Tk] mask (nonzero = real), seq_lens or None."""
+        """From a PaddingMasks (itself, on ``device``), a [B, Tk] mask (nonzero = real), seq_lens or None."""
         if isinstance(attention_mask, PaddingMasks):
             if seq_lens is not None:
                 raise ValueError("give attention_mask or seq_lens, not both")
             if (attention_mask.batch, attention_mask.num_keys) != (batch, num_keys):
                 raise ValueError(f"padding masks of [{attention_mask.batch}, {attention_mask.num_keys}] for "
                                  f"[{batch}, {num_keys}] keys")
-            return attention_mask
+            return attention_mask.on(device)
         return cls(key_padding(batch, num_keys, device, attention_mask, seq_lens), batch, num_keys, device)
 
     def block_mask(self, num_queries: int, window: tuple[int, int] | None) -> Any:
