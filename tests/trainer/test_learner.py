@@ -161,8 +161,9 @@ def test_flex_learner_step_equals_batched(tiny_model, monkeypatch):
     samples, rewards = _samples(5), [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
     after, stats = [], []
     for attention in ("batched", "flex"):
-        learner = Learner(_policy(tiny_model, attention=attention, gradient_checkpointing=True), Objective(ObjectiveConfig(beta=1e-2, tau=0.1)),
-                          spec=SPEC, lr=1e-2, weight_decay=0.017)
+        policy = _policy(tiny_model, attention=attention, gradient_checkpointing=True)
+        learner = Learner(policy, Objective(ObjectiveConfig(beta=1e-2, tau=0.1)), spec=SPEC, lr=1e-2,
+                          weight_decay=0.017)
         stats.append(learner.step(samples, rewards))
         after.append(learner.policy.alpha.detach().clone())
     assert (after[0] != 1.0).any()
