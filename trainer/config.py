@@ -161,8 +161,11 @@ class LearnerConfig:
     num_gpus, num_cpus: the learner actor's Ray resources.
     micro_batch_tokens: token budget of one forward/backward; must hold the longest sequence.
     gradient_checkpointing: recompute activations in backward (long rollouts need it on GPU).
-    attention: "batched" (the PyTorch oracle's batched form: CPU and reference), "flex"
-        (FlexAttention, CUDA) or "auto" (flex on CUDA, batched elsewhere).
+    attention: "batched" (the PyTorch oracle's batched form: CPU and reference; memory grows with
+        the square of the sequence length), "flex" (``rlkv_vllm.core.fused``: FlexAttention with the
+        Lambda BlockMask for the streaming branch, FlashAttention/SDPA or flex for the full one, in the
+        model's dtype; memory linear in the sequence length; CUDA only, as torch has no CPU backward
+        for it) or "auto" (flex on CUDA, batched elsewhere).
     """
 
     device: str = knob("auto", Rule('must be "auto", "cpu", "cuda" or "cuda:N"', lambda v: bool(_DEVICE_RE.match(v))))

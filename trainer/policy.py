@@ -1,8 +1,10 @@
 """The learner's policy: a frozen transformers model whose only trainable part is alpha [L, H_kv].
 
 Every attention layer computes the oracle's gated semantics (``rlkv_vllm.core.hf_reference``, which
-runs ``core.batched.gated_attention`` on the whole padded batch), the same function vLLM's gated mode
-computes in the rollout workers, so the sampler and the learner run one policy. alpha starts at 1
+runs ``core.batched.gated_attention`` on the whole padded batch, or with ``attention="flex"`` its fused
+equal ``core.fused.fused_gated_attention``: FlexAttention, memory linear in the sequence length), the
+same function vLLM's gated mode computes in the rollout workers, so the sampler and the learner run one
+policy. alpha starts at 1
 (every head full) and is clamped to [0, 1] before every forward, as the reference does.
 
 Sequences are scored right-padded: prompt then completion, positions 0 .. n-1, so the positions and
@@ -42,11 +44,15 @@ class GatedPolicy:
     """The frozen model plus ``alpha``.
 
     model: a transformers causal LM (its parameters are frozen here); sink/recent: the training
-    window; compute_dtype: the attention's dtype (None: float32, float64 for a float64 model).
+    window; compute_dtype: the attention's dtype (None: "batched" float32, float64 for a float64
+    model; "flex" the model's dtype, kernels accumulating in float32).
+    attention: "batched" (the PyTorch oracle's batched form), "flex" (the fused FlexAttention
+    path: CUDA; on the CPU forward only, torch has no CPU backward for it) or "auto" (flex on
+    CUDA, batched elsewhere).
     """
 
     def __init__(self, model: Any, *, sink: int, recent: int, compute_dtype: torch.dtype | None = None,
-                 gradient_checkpointing: bool = False) -> None:
+                 gradient_checkpointing: bool = False, attention: str = "batched") -> None:
         self.model = model
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -55,7 +61,13 @@ class GatedPolicy:
         device = next(model.parameters()).device
         self.alpha = torch.nn.Parameter(torch.ones(shape, dtype=torch.float32, device=device))
         self.sink, self.recent = sink, recent
-        install_oracle(model, alpha=self.alpha, sink=sink, recent=recent, compute_dtype=compute_dtype)
+        if attention not in ("auto", "batched", "flex"):
+            raise ValueError(f"attention must be 'auto', 'batched' or 'flex', got {attention!r}")
+        if attention == "auto":
+            attention = "flex" if device.type == "cuda" else "batched"
+        self.attention = attention
+        install_oracle(model, alpha=self.alpha, sink=sink, recent=recent, compute_dtype=compute_dtype,
+                       attention="fused" if attention == "flex" else "batched")
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False

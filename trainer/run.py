@@ -76,7 +76,8 @@ class LearnerActor:
         policy = GatedPolicy.from_pretrained(model_path, dtype=dtype, device=device, sink=cfg.rollout.sink,
                                              dummy_weights=cfg.model.load_format == "dummy", seed=cfg.run.seed,
                                              recent=cfg.rollout.recent,
-                                             gradient_checkpointing=cfg.learner.gradient_checkpointing)
+                                             gradient_checkpointing=cfg.learner.gradient_checkpointing,
+                                             attention=cfg.learner.attention)
         s, o = cfg.rollout.sampling, cfg.optim
         self.learner = Learner(policy, Objective(cfg.objective), spec=SamplingSpec(s.temperature, s.top_k, s.top_p),
                                lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
@@ -102,9 +103,9 @@ class Run:
         if cfg.rollout.sleep:
             raise TrainConfigError("train.rollout.sleep = true is not allowed yet: vLLM sleep/wake between the "
                                    "rollout and learner phases is not built; use false")
-        if cfg.learner.attention == "flex":
-            raise TrainConfigError("train.learner.attention = 'flex' is not allowed yet: the fused CUDA learner "
-                                   "attention is not built; use 'batched' or 'auto'")
+        if cfg.learner.attention == "flex" and _device(cfg) == "cpu":
+            raise TrainConfigError("train.learner.attention = 'flex' is not allowed: FlexAttention runs on CUDA and "
+                                   "learner.device = 'auto' found none; use 'batched' or 'auto'")
         self.cfg = _model_path(cfg)
         self.out_dir = out_dir
         self.resume = resume

@@ -21,11 +21,11 @@ from rlkv_vllm.core.reference import oracle_attention
 SPEC = SamplingSpec(temperature=0.8, top_k=50, top_p=0.95)
 
 
-def _policy(tiny_model) -> GatedPolicy:
+def _policy(tiny_model, **kwargs) -> GatedPolicy:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64)
-    return GatedPolicy(model, sink=2, recent=3)
+    return GatedPolicy(model, sink=2, recent=3, **kwargs)
 
 
 def _samples(seed: int, n: int = 6) -> list[Sample]:
@@ -166,3 +166,42 @@ def test_dummy_weights_build_the_folders_shape(tiny_model):
                            b["model.layers.0.self_attn.q_proj.weight"].float())
     lps = dummy.completion_logprobs([Sequence([5, 6, 7], [8, 9])], SamplingSpec())
     assert lps[0].shape == (2,) and torch.isfinite(lps[0]).all()
+
+
+def test_attention_choice(tiny_model):
+    """"auto" is batched on the CPU (flex on CUDA); "flex" installs the fused implementation."""
+    assert _policy(tiny_model, attention="auto").model.config._attn_implementation == "rlkv_oracle"
+    assert _policy(tiny_model, attention="flex").model.config._attn_implementation == "rlkv_fused"
+    with pytest.raises(ValueError, match="attention must be"):
+        _policy(tiny_model, attention="sdpa")
+
+
+def test_flex_learner_step_equals_batched(tiny_model, monkeypatch):
+    """One learner step with the fused attention, gradient checkpointing on, moves alpha as the batched
+    one does (fp64; torch's CPU check against flex_attention's backward lifted: its eager backward is the
+    reference math)."""
+    import torch.nn.attention.flex_attention as fa
+
+    monkeypatch.setattr(fa, "_validate_device", lambda *args: None)
+    samples, rewards = _samples(5), [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+    after, stats = [], []
+    for attention in ("batched", "flex"):
+        policy = _policy(tiny_model, attention=attention, gradient_checkpointing=True)
+        learner = Learner(policy, Objective(ObjectiveConfig(beta=1e-2, tau=0.1)), spec=SPEC, lr=1e-2,
+                          weight_decay=0.017)
+        stats.append(learner.step(samples, rewards))
+        after.append(learner.policy.alpha.detach().clone())
+    assert (after[0] != 1.0).any()
+    torch.testing.assert_close(after[1], after[0], rtol=0, atol=1e-10)
+    assert abs(stats[0]["grad_norm"] - stats[1]["grad_norm"]) < 1e-9 * max(1.0, stats[0]["grad_norm"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
+def test_flex_on_an_auto_cpu_device_is_refused(tmp_path):
+    from rlkv_trainer.config import CONFIG_DIR, TrainConfigError, load_config
+    from rlkv_trainer.run import Run
+
+    cfg = load_config(f"{CONFIG_DIR}/tiny.yaml", ["learner.device=auto", "learner.attention=flex"])
+    with pytest.raises(TrainConfigError, match=r"^train.learner.attention = 'flex' is not allowed: FlexAttention "
+                                               r"runs on CUDA and learner.device = 'auto' found none"):
+        Run(cfg, str(tmp_path))
