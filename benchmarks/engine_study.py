@@ -15,6 +15,11 @@ Latency (--latency): for each --batches x --contexts cell (contexts clipped to
 max_model_len), TPOT of --latency-output-len generated tokens, and the decode-only step time
 (steps in which every request decoded: a request's TPOT also holds the steps that prefill others).
 
+Steady state (--steady): a closed loop keeps --concurrency requests in the engine (default max_num_seqs +
+25%), prompts uniform in --input-range, outputs from --output-dist (reasoning: R1-distill MATH-500 traces,
+modelled, see rlkv_vllm/bench/workload.py); output tok/s, mean running, TPOT and step times over --window-s
+after --warmup-s, without the ramp or the tail (scripts/gpu/steady_call.sh runs it on the GPU).
+
   python benchmarks/engine_study.py --configs stock:CPU_ATTN rlkv:0.5 --num-prompts 32 \\
       --input-len 128 --output-len 128 --kv-bytes 33554432 --max-num-seqs 64     # CPU, tiny model
   python3 benchmarks/engine_study.py --model /tmp/llama8b --load-format dummy --pattern P.tsv \\

@@ -335,7 +335,7 @@ def add_bench_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None
                    help="profile this many engine steps of the throughput run (torch profiler): device time "
                         "per kernel category per step, in each config's result (0: off)")
     p.add_argument("--profile-start", type=nonneg_int, default=200,
-                   help="the step at which the profiled window opens (steady state, after admission)")
+                   help="the step at which the profiled window opens (steady state, after admission; with --steady: steps into the measured window)")
     p.add_argument("--deadline-s", type=nonneg_float, default=d["deadline_s"],
                    help="the whole run must end within this; configs that cannot are skipped")
     p.add_argument("--config-timeout-s", type=nonneg_float, default=d["config_timeout_s"])

@@ -225,7 +225,8 @@ def drive(llm: Any, probe: SchedulerProbe | None, prompts: list[list[int]], para
 
 def drive_steady(llm: Any, probe: SchedulerProbe | None, loop: Any, concurrency: int, primed: int, vocab: int,
                  make_params: Callable[[int], Any], warmup_s: float, window_s: float, deadline: float | None,
-                 profile_steps: int = 0, on_progress: ProgressFn | None = None) -> dict[str, Any]:
+                 profile_steps: int = 0, on_progress: ProgressFn | None = None,
+                 profile_start: int = 0) -> dict[str, Any]:
     """The steady-state study: keep ``concurrency`` requests in the engine (a finished one is replaced at
     once by the next of ``loop``, a :class:`workload.ClosedLoop`), warm up for ``warmup_s``, then measure
     for ``window_s``: output tok/s, mean running, TPOT and step times of the window only (no ramp, no tail).
@@ -235,7 +236,8 @@ def drive_steady(llm: Any, probe: SchedulerProbe | None, loop: Any, concurrency:
     folded into their prompts, see workload.py): about as many as the config can hold, so the ages' prefill
     is paid once in the warm-up; the rest of the queue is fresh. Requests still unfinished at the end are
     aborted (freed).
-    ``profile_steps``: profile that many steps from the window's start.
+    ``profile_steps``: profile that many steps, ``profile_start`` steps into the window (past the admissions
+    that follow the warm-up, so the profile shows the decode step).
     """
     engine = llm.llm_engine
     rng = random.Random(loop.rng.random())
@@ -280,7 +282,7 @@ def drive_steady(llm: Any, probe: SchedulerProbe | None, loop: Any, concurrency:
             in_window, prev = True, now
             probe_at = len(probe.running) if probe else 0
             if profile_steps:
-                profiler = StepProfiler(0, profile_steps)
+                profiler = StepProfiler(profile_start, profile_steps)
         if in_window and now >= w1:
             break
         if deadline is not None and time.time() > deadline:
@@ -448,7 +450,7 @@ def run_child(s: BenchSettings, cfg: EngineConfig, deadline: float | None) -> tu
         primed = loop.primed_count(res["capacity_tokens"], s.max_num_seqs)
         res["steady"] = drive_steady(llm, probe, loop, s.steady_concurrency(), primed, vocab,
                                      lambda n: params(n, s.temperature), s.warmup_s, s.window_s, deadline,
-                                     s.profile_steps, reporter("steady"))
+                                     s.profile_steps, reporter("steady"), s.profile_start)
         res["steady"]["output_lengths"] = s.output_lengths().describe()
     else:
         cells = []

@@ -14,7 +14,7 @@ unset TRITON_F32_DEFAULT  # bf16 timing runs: vLLM's defaults
 export VLLM_USE_V2_MODEL_RUNNER=${VLLM_USE_V2_MODEL_RUNNER:-0}  # RLKV runs V1: stock on the same runner
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv | tee $OUT/gpu.txt
 echo "setup $(( $(date +%s) - t0 ))s"
-WORKLOAD=${WORKLOAD:---gpu-mem 0.9 --max-num-seqs 1024 --max-model-len 8704 --warmup-s 45 --window-s 90 --profile-steps 30}
+WORKLOAD=${WORKLOAD:---gpu-mem 0.9 --max-num-seqs 1024 --max-model-len 8704 --warmup-s 45 --window-s 90 --profile-steps 30 --profile-start 300}
 python3 benchmarks/engine_study.py --steady --model ${MODEL:-/tmp/llama8b} --load-format dummy \
   --pattern ${PATTERN:-.carry/data/DeepSeek-R1-Distill-Llama-8B.tsv} --dtype bfloat16 $WORKLOAD \
   ${STUDY_ARGS:-} --configs "$@" --deadline-s $(( ${BUDGET:-575} - ($(date +%s) - t0) )) \
