@@ -244,6 +244,10 @@ def _eval(argv: list[str]) -> int:
         print(f"rlkv eval: error: the eval needs rlkv-vllm[train] (pip install 'rlkv-vllm[train]'): {e}",
               file=sys.stderr)
         return 2
+    if argv[:1] == ["sweep"]:  # starts servers: the product side's job, not the trainer package's
+        from .sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
     return eval_main(argv)
 
 

@@ -1,0 +1,131 @@
+"""``rlkv eval sweep``: its configs, its one-line errors, its table and plot, and (slow) the whole sweep on
+the planted-recall fixture, whose task needs recall beyond the streaming window: s=0 equals stock, the
+learned pattern keeps the answers, all-streaming and random heads lose them, a config that cannot start
+is recorded and the sweep goes on."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from rlkv_vllm import sweep
+from rlkv_vllm.core.patterns import HeadPattern
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLANTED = os.path.join(ROOT, "benchmarks", "fixtures", "planted-recall")
+PLANTED_PATTERN = os.path.join(ROOT, "benchmarks", "results", "planted-heads-pattern-correctness.json")
+
+
+def _model(tmp_path, layers: int = 3, heads: int = 2) -> str:
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": layers,
+        "num_attention_heads": 4, "num_key_value_heads": heads, "hidden_size": 64, "head_dim": 16}))
+    return str(d)
+
+
+def test_configs_in_run_order_with_shared_settings(tmp_path) -> None:
+    model = _model(tmp_path)
+    pattern = str(tmp_path / "p.json")
+    HeadPattern(np.full((3, 2), 0.5, dtype=np.float32), {}).save(pattern)
+    duo = str(tmp_path / "duo.json")
+    HeadPattern(np.zeros((3, 2), dtype=np.float32), {}).save(duo)
+    out = str(tmp_path / "out")
+    cfgs = sweep.plan_configs(model, pattern, [0.0, 0.5], [f"duo:{duo}", "random", "streaming"], out, seed=3,
+                              rlkv={"sink": 4, "recent": 8})
+    assert [c.name for c in cfgs] == ["full", "rlkv:0", "duo:0", "random:0", "rlkv:0.5", "duo:0.5", "random:0.5",
+                                      "streaming"]
+    assert cfgs[0].rlkv is None and cfgs[0].method == "full"
+    assert cfgs[4].rlkv == {"sink": 4, "recent": 8, "heads": pattern, "sparsity": 0.5}
+    assert cfgs[-1].rlkv == {"sink": 4, "recent": 8, "heads": os.path.join(out, "all-streaming-gates.json"),
+                             "mode": "gated"}
+    assert (HeadPattern.load(cfgs[-1].rlkv["heads"]).gates == 0).all()
+    rand = HeadPattern.load(cfgs[3].rlkv["heads"]).gates
+    again = sweep.plan_configs(model, pattern, [0.5], ["random"], str(tmp_path / "o2"), seed=3)
+    assert np.array_equal(HeadPattern.load(again[-1].rlkv["heads"]).gates, rand)  # seeded
+    assert rand.shape == (3, 2) and 0 < rand.min() and rand.max() < 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pattern", "p", "--tasks", "gsm8k", "--out", "o"], "the following arguments are required: --model"),
+    (["--model", "/nonexistent", "--pattern", "p", "--tasks", "gsm8k", "--out", "o"],
+     "--model /nonexistent is not allowed: no config.json there"),
+    (["--model", "{model}", "--pattern", "p", "--tasks", "gsm8k", "--sparsities", "1.2", "--out", "o"],
+     "--sparsities 1.2 is not allowed: each must be in [0, 1)"),
+    (["--model", "{model}", "--pattern", "p", "--tasks", "gsm8k=/no/file", "--out", "o"],
+     "--tasks gsm8k=/no/file is not allowed: no such data file"),
+    (["--model", "{model}", "--pattern", "p", "--tasks", "gsm8k", "--compare", "h2o", "--out", "o"],
+     "--compare 'h2o' is not allowed: use duo:FILE, random or streaming"),
+    (["--model", "{model}", "--pattern", "p", "--tasks", "gsm8k", "--rlkv", "sparsity=0.3", "--out", "o"],
+     "--rlkv 'sparsity=0.3' is not allowed: the sweep sets sparsity per config"),
+    (["--model", "{model}", "--pattern", "p", "--tasks", "gsm8k", "--rlkv", "sink", "--out", "o"],
+     "--rlkv 'sink' is not allowed: use KEY=VALUE"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, argv, message) -> None:
+    model = _model(tmp_path)
+    argv = [a.replace("{model}", model) for a in argv]
+    argv = [str(tmp_path / a) if a == "o" else a for a in argv]
+    assert sweep.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rlkv eval sweep: error: ") and message in err and "\n" not in err
+
+
+def test_rlkv_settings_are_typed() -> None:
+    assert sweep.parse_rlkv_settings(["sink=4", "recent=8", "kernel=triton"]) == {
+        "sink": 4, "recent": 8, "kernel": "triton"}
+
+
+def _result(name: str, method: str, s: float | None, acc: float, status: str = "ok") -> sweep.ConfigResult:
+    r = sweep.ConfigResult(sweep.SweepConfig(name, method, s, None), status=status,
+                           reason="" if status == "ok" else "RLKVConfigError: rlkv.heads has 3 layers, the model 4")
+    if status == "ok":
+        r.tasks["prompts"] = {"pass_at_1": acc, "ci95": [max(acc - 0.1, 0), min(acc + 0.1, 1)], "tok_s": 100 * acc}
+    return r
+
+
+def test_table_and_plot(tmp_path) -> None:
+    results = [_result("full", "full", 0.0, 1.0), _result("rlkv:0", "rlkv", 0.0, 1.0),
+               _result("rlkv:0.75", "rlkv", 0.75, 0.97), _result("random:0.75", "random", 0.75, 0.4),
+               _result("duo:0.75", "duo", 0.75, 0.0, status="failed to start"), _result("streaming", "streaming", 1.0, 0.05)]
+    text = sweep.table(results, ["prompts"])
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["config", "status", "prompts", "pass@1"]
+    assert "97.0% [87.0, 100.0]" in lines[3] and "failed to start: RLKVConfigError" in lines[5]
+    path = str(tmp_path / "sweep.png")
+    sweep.plot(results, ["prompts"], path)
+    assert os.path.getsize(path) > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile(PLANTED_PATTERN), reason="the planted-heads pattern is not committed yet")
+def test_sweep_on_the_planted_recall_fixture(tmp_path) -> None:
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import planted_task
+
+    data = planted_task.write_prompts(str(tmp_path / "eval.jsonl"), 24, 2)
+    bad = str(tmp_path / "wrong-shape.json")
+    HeadPattern(np.ones((3, 4), dtype=np.float32), {}).save(bad)  # 3 layers: the model has 4
+    out = str(tmp_path / "sweep")
+    rc = sweep.main(["--model", PLANTED, "--pattern", PLANTED_PATTERN, "--sparsities", "0", "0.75",
+                     "--compare", f"duo:{bad}", "random", "streaming", "--rlkv", "sink=4", "recent=8",
+                     "--tasks", f"prompts={data}", "--max-tokens", "2", "--concurrency", "8",
+                     "--serve-args", "--dtype float32 --max-model-len 128 --max-num-seqs 16 "
+                                     "--kv-cache-memory-bytes 33554432", "--out", out])
+    assert rc == 0
+    doc = json.load(open(os.path.join(out, "sweep.json")))
+    by = {c["name"]: c for c in doc["configs"]}
+    assert set(by) == {"full", "rlkv:0", "duo:0", "random:0", "rlkv:0.75", "duo:0.75", "random:0.75", "streaming"}
+    assert by["duo:0"]["status"] == "failed to start" and "layer" in by["duo:0"]["reason"].lower()
+    acc = {n: c["tasks"]["prompts"]["pass_at_1"] for n, c in by.items() if c["status"] == "ok"}
+    assert acc["full"] >= 0.8
+    assert acc["rlkv:0"] == acc["full"] == acc["random:0"]  # s=0: every head full, greedy: stock's answers
+    assert acc["rlkv:0.75"] >= 0.9 * acc["full"]  # the learned heads keep the recall
+    assert acc["streaming"] <= acc["full"] - 0.5  # the task needs recall beyond the window
+    assert acc["random:0.75"] < acc["rlkv:0.75"]
+    assert os.path.getsize(os.path.join(out, "sweep.png")) > 10_000
+    assert os.path.isfile(os.path.join(out, by["rlkv:0.75"]["tasks"]["prompts"]["eval_file"]))
