@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,8 +16,6 @@ from rlkv_vllm import sweep
 from rlkv_vllm.core.patterns import HeadPattern
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PLANTED = os.path.join(ROOT, "benchmarks", "fixtures", "planted-recall")
-PLANTED_PATTERN = os.path.join(ROOT, "benchmarks", "results", "planted-heads-pattern-correctness.json")
 
 
 def _model(tmp_path, layers: int = 3, heads: int = 2) -> str:
@@ -101,31 +99,85 @@ def test_table_and_plot(tmp_path) -> None:
     assert os.path.getsize(path) > 10_000
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.path.isfile(PLANTED_PATTERN), reason="the planted-heads pattern is not committed yet")
-def test_sweep_on_the_planted_recall_fixture(tmp_path) -> None:
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import planted_task
+def test_a_config_that_cannot_start_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys) -> None:
+    """The second config's server exits at start: its reason (the log's error line) is recorded, the others
+    are evaluated, and the table and files are written."""
+    from rlkv_vllm import server as server_mod
+    import rlkv_trainer.evaluate as evaluate_mod
 
-    data = planted_task.write_prompts(str(tmp_path / "eval.jsonl"), 24, 2)
-    bad = str(tmp_path / "wrong-shape.json")
-    HeadPattern(np.ones((3, 4), dtype=np.float32), {}).save(bad)  # 3 layers: the model has 4
-    out = str(tmp_path / "sweep")
-    rc = sweep.main(["--model", PLANTED, "--pattern", PLANTED_PATTERN, "--sparsities", "0", "0.75",
-                     "--compare", f"duo:{bad}", "random", "streaming", "--rlkv", "sink=4", "recent=8",
-                     "--tasks", f"prompts={data}", "--max-tokens", "2", "--concurrency", "8",
-                     "--serve-args", "--dtype float32 --max-model-len 128 --max-num-seqs 16 "
-                                     "--kv-cache-memory-bytes 33554432", "--out", out])
-    assert rc == 0
+    model = _model(tmp_path, layers=2, heads=2)
+    pattern = str(tmp_path / "p.json")
+    HeadPattern(np.full((2, 2), 0.5, dtype=np.float32), {}).save(pattern)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "ba 7 ?", "answer": "7"}) + "\n")
+    started: list[str] = []
+
+    class _Server:
+        base_url = "http://127.0.0.1:1"
+
+        def stop(self) -> None:
+            pass
+
+    def start_server(model_dir, *, rlkv, extra_args, log_path, startup_timeout, env):
+        started.append(os.path.basename(log_path))
+        if rlkv and rlkv.get("sparsity") == 0.5:
+            with open(log_path, "w") as f:
+                f.write("INFO loading\nrlkv: error: rlkv.heads = 'p.json' is not allowed: 2 layers, the model 3\n")
+            raise RuntimeError("the server exited")
+        return _Server()
+
+    class _Result:
+        def __init__(self, acc: float) -> None:
+            self.summary = SimpleNamespace(pass_at_1=acc, ci95=(acc, acc), to_json=lambda: {"pass_at_1": acc,
+                                                                                         "ci95": [acc, acc]})
+            self.items, self.seconds = [], 1.0
+
+        def write(self, path: str) -> None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(path, "w").write("{}")
+
+        def statuses(self) -> dict:
+            return {"ok": 1}
+
+    monkeypatch.setattr(server_mod, "start_server", start_server)
+    monkeypatch.setattr(evaluate_mod, "evaluate", lambda *a, **k: _Result(1.0))
+    out = str(tmp_path / "out")
+    assert sweep.main(["--model", model, "--pattern", pattern, "--sparsities", "0", "0.5",
+                       "--tasks", f"prompts={data}", "--out", out]) == 0
     doc = json.load(open(os.path.join(out, "sweep.json")))
-    by = {c["name"]: c for c in doc["configs"]}
-    assert set(by) == {"full", "rlkv:0", "duo:0", "random:0", "rlkv:0.75", "duo:0.75", "random:0.75", "streaming"}
-    assert by["duo:0"]["status"] == "failed to start" and "layer" in by["duo:0"]["reason"].lower()
-    acc = {n: c["tasks"]["prompts"]["pass_at_1"] for n, c in by.items() if c["status"] == "ok"}
-    assert acc["full"] >= 0.8
-    assert acc["rlkv:0"] == acc["full"] == acc["random:0"]  # s=0: every head full, greedy: stock's answers
-    assert acc["rlkv:0.75"] >= 0.9 * acc["full"]  # the learned heads keep the recall
-    assert acc["streaming"] <= acc["full"] - 0.5  # the task needs recall beyond the window
-    assert acc["random:0.75"] < acc["rlkv:0.75"]
-    assert os.path.getsize(os.path.join(out, "sweep.png")) > 10_000
-    assert os.path.isfile(os.path.join(out, by["rlkv:0.75"]["tasks"]["prompts"]["eval_file"]))
+    assert [(c["name"], c["status"]) for c in doc["configs"]] == [
+        ("full", "ok"), ("rlkv:0", "ok"), ("rlkv:0.5", "failed to start")]
+    assert doc["configs"][2]["reason"].startswith("rlkv: error: rlkv.heads = 'p.json' is not allowed")
+    assert started == ["full.log", "rlkv_0.log", "rlkv_0.5.log"]
+    printed = capsys.readouterr()
+    assert "failed to start: rlkv: error" in printed.out and os.path.isfile(os.path.join(out, "sweep.png"))
+
+
+@pytest.mark.slow
+def test_the_readme_sweep_on_the_planted_recall_fixture() -> None:
+    """The README's sweep block, as printed: the task needs recall beyond the streaming window, so s=0 equals
+    stock, the learned pattern keeps the answers, random heads and all-streaming lose them."""
+    import re
+    import shutil
+    import subprocess
+
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = re.search(r"<!-- readme-command: sweep -->\s*```bash\n(.*?)```", readme, flags=re.S).group(1)
+    out = os.path.join(ROOT, re.search(r"--out (\S+)", block).group(1))
+    shutil.rmtree(out, ignore_errors=True)
+    script = "set -eo pipefail\nsource .venv/bin/activate\nsource scripts/env.sh\n" + block
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    try:
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        doc = json.load(open(os.path.join(out, "sweep.json")))
+        by = {c["name"]: c for c in doc["configs"]}
+        assert all(c["status"] == "ok" for c in by.values()), [(n, c["reason"]) for n, c in by.items()]
+        acc = {n: c["tasks"]["prompts"]["pass_at_1"] for n, c in by.items()}
+        assert acc["full"] >= 0.6, acc
+        assert acc["rlkv:0"] == acc["full"] == acc["random:0"], acc  # s=0: every head full, greedy: stock's
+        assert acc["rlkv:0.75"] >= 0.9 * acc["full"], acc  # the learned heads keep the recall
+        assert acc["streaming"] <= acc["full"] - 0.4, acc  # the task needs recall beyond the window
+        assert acc["random:0.75"] < acc["rlkv:0.75"], acc
+        assert "streaming" in proc.stdout and os.path.getsize(os.path.join(out, "sweep.png")) > 10_000
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
