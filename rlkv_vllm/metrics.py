@@ -33,7 +33,7 @@ class WorkerMetricsPublisher:
     def __init__(self, path: str | None, plan: "RLKVPlan") -> None:
         self._mm: mmap.mmap | None = None
         self._values = dict.fromkeys(_FIELDS, 0)
-        self._values.update(magic=_MAGIC, pid=os.getpid(), num_slots=plan.max_num_seqs, ring_bytes=plan.ring_nbytes)
+        self._values.update(magic=_MAGIC, pid=os.getpid(), num_slots=plan.num_slots, ring_bytes=plan.ring_nbytes)
         if path and plan.tp_rank == 0:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -99,6 +99,8 @@ class RLKVCollector:
                 "recent": str(s.recent),
                 "pattern": os.path.basename(s.heads or "full_heads"),
                 "sparsity_requested": f"{s.sparsity:g}",
+                "ring_slots": str(plan.num_slots),
+                "ring_slots_by": plan.slots_by,
             },
         )
         yield info
@@ -133,8 +135,9 @@ class RLKVCollector:
         ring.add_metric([], plan.ring_nbytes)
         yield ring
         live = read_metrics_file(self.path) if self.path else None
-        slots = GaugeMetricFamily("rlkv:ring_slots", "Streaming ring slots", labels=["state"])
-        total = live["num_slots"] if live else plan.max_num_seqs
+        slots = GaugeMetricFamily("rlkv:ring_slots", "Streaming ring slots (in_use + free: the slot count; "
+                                  "why: rlkv:config_info's ring_slots_by)", labels=["state"])
+        total = live["num_slots"] if live else plan.num_slots
         in_use = live["in_use"] if live else 0
         slots.add_metric(["in_use"], in_use)
         slots.add_metric(["free"], total - in_use)

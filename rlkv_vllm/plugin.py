@@ -47,8 +47,8 @@ def check_engine_config(vllm_config: Any) -> None:
     """Validate RLKV against a freshly built engine config and prepare the engine.
 
     Raises RLKVConfigError (one line: field, value, what is allowed). On success it
-    writes the normalised settings back, reserves the ring inside an explicit KV
-    budget, installs the worker extension and publishes the metrics.
+    sizes the ring slots (capping vLLM's running requests at them), writes the normalised
+    settings back, reserves the ring inside an explicit KV budget, installs the worker extension and publishes the metrics.
     """
     from .metrics import publish_plan
     from .runtime import build_plan
@@ -89,18 +89,20 @@ def check_engine_config(vllm_config: Any) -> None:
             raise RLKVConfigError(f"rlkv.full_kernel = 'flash_attn' is not allowed here: {problem}; "
                                   "allowed: auto, triton")
 
-    vllm_config.additional_config = {**extra, "rlkv": plan.settings.to_dict()}
     cache = vllm_config.cache_config
     cpu = compat.is_cpu_platform()
     if cpu and not getattr(cache, "kv_cache_memory_bytes", None) and not _fraction_asked:
         cache.kv_cache_memory_bytes = startup.pick_cpu_kv_budget(vllm_config, plan, compat.cpu_worker_free_memory())
     budget = getattr(cache, "kv_cache_memory_bytes", None) or None
+    plan = startup.size_ring_slots(vllm_config, plan, budget)
+    # the settings as decided (ring_slots a number), so every worker builds the same ring
+    vllm_config.additional_config = {**extra, "rlkv": plan.settings.to_dict()}
     if budget and plan.ring_nbytes:
         if plan.ring_nbytes >= budget:
             raise RLKVConfigError(
                 f"kv_cache_memory_bytes = {budget} is not allowed: the streaming ring for "
-                f"max_num_seqs = {plan.max_num_seqs} needs {plan.ring_nbytes} bytes of it; raise the "
-                "budget or lower max_num_seqs"
+                f"{plan.num_slots} slots ({plan.slots_by}) needs {plan.ring_nbytes} bytes of it; raise the "
+                "budget or set rlkv.ring_slots lower"
             )
         cache.kv_cache_memory_bytes = budget - plan.ring_nbytes
     par = vllm_config.parallel_config

@@ -50,7 +50,7 @@ class RLKVRuntime:
         self.device = torch.device(vllm_config.device_config.device)
         self.ring: RingPool | None = None
         self.metrics = WorkerMetricsPublisher.from_env(self.plan)
-        self.slots = SlotManager(self.plan.max_num_seqs, on_change=self.metrics.on_slots)
+        self.slots = SlotManager(self.plan.num_slots, on_change=self.metrics.on_slots)
         # alpha per (layer, local KV head); updated in place so CUDA graphs stay valid
         local = [len(l.full) + len(l.stream) for l in self.plan.layers]
         if len(set(local)) != 1:
@@ -62,7 +62,7 @@ class RLKVRuntime:
         self.pool: StreamingPool = choose_pool(self.plan, self.device)
         sched = vllm_config.scheduler_config
         rows = max(self.plan.max_num_seqs, int(getattr(sched, "max_num_batched_tokens", 0) or 0)) + 1
-        self.slot_buffer = torch.full((rows,), self.plan.max_num_seqs, dtype=torch.int32, device=self.device)
+        self.slot_buffer = torch.full((rows,), self.plan.num_slots, dtype=torch.int32, device=self.device)
         self.preemptions_seen = 0
         self.metrics.on_slots(self.slots)
 
@@ -89,14 +89,15 @@ class RLKVRuntime:
         if self.ring is None:
             self.ring = RingPool(
                 self.plan.ring_heads(),
-                self.plan.max_num_seqs,
+                self.plan.num_slots,
                 self.settings.sink,
                 self.settings.recent,
                 self.plan.shape.head_size,
                 self.plan.dtype,
                 self.device,
             )
-            logger.info("RLKV ring pool: %.1f MiB on %s", self.ring.nbytes / 2**20, self.device)
+            logger.info("RLKV ring pool: %.1f MiB on %s, %d slots", self.ring.nbytes / 2**20, self.device,
+                        self.plan.num_slots)
         return self.ring
 
     def set_gates(self, gates: Any) -> float:
@@ -121,7 +122,7 @@ class RLKVRuntime:
 
     def slot_ids_for_batch(self, num_reqs: int) -> list[int]:
         """Ring slot per batch row; dummy batches all use the scratch slot."""
-        scratch = self.plan.max_num_seqs
+        scratch = self.plan.num_slots
         ids = compat.RUNNER_HOOKS.batch_req_ids(num_reqs)
         if ids is None:
             return [scratch] * num_reqs

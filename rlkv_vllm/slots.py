@@ -2,13 +2,20 @@
 
 A request gets a slot the first time it is in a batch and keeps it until it
 finishes, is aborted or is preempted (a preempted request recomputes from
-position 0 when it resumes, so it simply gets a slot again). vLLM never runs more
-than ``max_num_seqs`` requests at once, and the slot count is ``max_num_seqs``, so
-running requests always find a slot; queued requests hold none.
+position 0 when it resumes, so it simply gets a slot again). The slot count is at
+most ``max_num_seqs`` (``startup.size_ring_slots``), and vLLM's scheduler never runs more
+requests at once than there are slots (``compat.cap_running_requests`` caps it below
+max_num_seqs), so running requests always find a slot; queued requests hold none and
+wait in vLLM's queue.
+
+A finished, aborted or preempted request's slot is released when the scheduler output
+that reports it reaches the worker (``RLKVRuntime.on_step``, before the runner updates its
+batch), so the request the scheduler admits in its place in that same step finds it free.
 
 vLLM tells workers about finished requests in the next scheduler step (the
 server's engine loop runs one more, possibly empty, step for that), so a slot is
-released one step after its request finishes.
+released one step after its request finishes; in that step the scheduler counts the
+request as gone too.
 
 Ring contents are never cleared: a kernel reads only positions the request has
 written in its current life, so a reused slot needs no reset.
@@ -81,7 +88,7 @@ class SlotManager:
                     if not self._free:
                         raise SlotsExhaustedError(
                             f"all {self.num_slots} RLKV ring slots are held; this is a bug "
-                            "(vLLM should never run more than max_num_seqs requests)"
+                            "(vLLM's scheduler is capped at the slot count)"
                         )
                     slot = heapq.heappop(self._free)
                     self._owner[rid] = slot

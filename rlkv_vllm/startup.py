@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from . import compat
-from .core.plan import RLKVPlan
+from .core.plan import AUTO_SLOT_TOKENS_FRACTION, RLKVPlan, budget_ring_slots
 from .core.settings import RLKVConfigError
 from .ops.pools import resolve_kernel
 
@@ -33,8 +33,8 @@ def pick_cpu_kv_budget(vllm_config: Any, plan: RLKVPlan, free: int) -> int:
     """The KV budget (paged + ring) of a CPU start that sets none.
 
     Left alone, vLLM-CPU reserves 92 % of the RAM for the worker and stops, deep in its log,
-    when less is free (any machine shared with other work). Enough for max_num_seqs requests
-    of max_model_len tokens each, plus the ring, within CPU_KV_RAM_FRACTION of the free RAM;
+    when less is free (any machine shared with other work). Enough for one request of
+    max_model_len tokens per ring slot (max_num_seqs unless rlkv.ring_slots says fewer), plus the ring, within CPU_KV_RAM_FRACTION of the free RAM;
     if that cannot hold one full-length request, stop with one line naming the flag.
     free: the RAM free to the worker, in bytes (``compat.cpu_worker_free_memory``).
     """
@@ -43,7 +43,7 @@ def pick_cpu_kv_budget(vllm_config: Any, plan: RLKVPlan, free: int) -> int:
     per_request = -(-max_len // block) * block * plan.paged_bytes_per_token()
     workers = int(vllm_config.parallel_config.tensor_parallel_size)
     cap = int(free * CPU_KV_RAM_FRACTION) // workers
-    want = plan.max_num_seqs * per_request + plan.ring_nbytes
+    want = plan.num_slots * per_request + plan.ring_nbytes
     budget = min(want, cap)
     if budget - plan.ring_nbytes < per_request:
         raise RLKVConfigError(
@@ -58,9 +58,50 @@ def pick_cpu_kv_budget(vllm_config: Any, plan: RLKVPlan, free: int) -> int:
     logger.info(
         "RLKV: no KV budget set on CPU (--kv-cache-memory-bytes, VLLM_CPU_KVCACHE_SPACE): using %s, "
         "%s %d requests x %d tokens + the ring; set --kv-cache-memory-bytes to choose",
-        _gib(budget), fits, plan.max_num_seqs, max_len,
+        _gib(budget), fits, plan.num_slots, max_len,
     )
     return budget
+
+
+def size_ring_slots(vllm_config: Any, plan: RLKVPlan, budget: int | None) -> RLKVPlan:
+    """The plan with its ring slots decided (``rlkv.ring_slots``), and vLLM's scheduler capped at them.
+
+    A number: that many. "auto" with a KV budget (``kv_cache_memory_bytes``, or the one picked on
+    CPU): as many requests as the budget holds at ``rlkv.slot_tokens`` each
+    (``core.plan.budget_ring_slots``), at most max_num_seqs. "auto" where vLLM sizes the paged
+    cache itself after profiling (``--gpu-memory-utilization``): the budget is not known before
+    the ring is allocated (inside model loading), so max_num_seqs slots, as before.
+    With fewer slots than max_num_seqs, vLLM runs at most that many requests at once and the
+    others wait in its queue (``compat.cap_running_requests``); the settings written back
+    carry the number, so every worker builds the same ring.
+    """
+    st = plan.settings
+    max_len = compat.max_model_len(vllm_config)
+    if st.slot_tokens != "auto" and st.slot_tokens > max_len:
+        raise RLKVConfigError(
+            f"rlkv.slot_tokens = {st.slot_tokens} is not allowed: must be at most max_model_len = {max_len}, "
+            'or "auto"'
+        )
+    if st.ring_slots != "auto":
+        slots, by = int(st.ring_slots), "rlkv.ring_slots"
+    elif not budget:
+        slots, by = plan.max_num_seqs, ("max_num_seqs (rlkv.ring_slots auto: vLLM sizes the KV cache after "
+                                        "profiling; set --kv-cache-memory-bytes or rlkv.ring_slots to size the ring)")
+    else:
+        block = compat.block_size(vllm_config)
+        tokens = int(st.slot_tokens) if st.slot_tokens != "auto" else max(1, int(max_len * AUTO_SLOT_TOKENS_FRACTION))
+        tokens = -(-tokens // block) * block
+        slots = budget_ring_slots(budget, plan.ring_slot_nbytes, plan.paged_bytes_per_token(), tokens,
+                                  plan.max_num_seqs)
+        asked = (f"auto: max_model_len x {AUTO_SLOT_TOKENS_FRACTION:g}" if st.slot_tokens == "auto"
+                 else st.slot_tokens)
+        fits = f"the KV budget holds {slots} requests of {tokens} tokens (rlkv.slot_tokens = {asked})"
+        by = f"max_num_seqs ({fits} or more)" if slots == plan.max_num_seqs else f"budget: {fits}"
+    plan = plan.with_slots(slots, by)
+    if slots < plan.max_num_seqs:
+        knob = compat.cap_running_requests(vllm_config, slots)
+        plan.slots_by += f"; vLLM runs at most {slots} requests at once ({knob} = {slots}), the rest wait"
+    return plan
 
 
 def summary_lines(plan: RLKVPlan, *, cpu: bool, budget: int | None) -> list[str]:
@@ -93,7 +134,7 @@ def summary_lines(plan: RLKVPlan, *, cpu: bool, budget: int | None) -> list[str]
         f"RLKV {st.mode} ({plan.shape.model_id}): {sparsity}, {st.selection} selection; {heads}; "
         f"layers with no full head: {no_full}"
     ]
-    slots = f"{plan.max_num_seqs + 1} slots x {st.window} tokens"
+    slots = f"{plan.num_slots} slots + 1 scratch x {st.window} tokens"
     per_token = f"{plan.paged_bytes_per_token()} B/token vs stock {plan.stock_bytes_per_token()}"
     rank = " per TP rank" if plan.tp_size > 1 else ""
     if budget:
@@ -106,6 +147,7 @@ def summary_lines(plan: RLKVPlan, *, cpu: bool, budget: int | None) -> list[str]
             f"RLKV KV{rank}: paged cache sized by vLLM from --gpu-memory-utilization ({per_token}) "
             f"+ streaming ring {_gib(plan.ring_nbytes)} ({plan.ring_nbytes} B, {slots})"
         )
+    lines.append(f"RLKV ring slots {plan.num_slots} of max_num_seqs {plan.max_num_seqs}, from {plan.slots_by}")
     if cpu:
         lines.append(
             f"RLKV kernels: streaming heads the torch ring path (rlkv.kernel = {st.kernel}); full heads "

@@ -288,7 +288,7 @@ class RLKVBuilderMixin:
                 max_query_len=int(cm.max_query_len),
             )
             s = rt.settings
-            return rows, rt.pool.plan(rows, cm.num_actual_tokens, rt.plan.max_num_seqs, s.sink, s.recent)
+            return rows, rt.pool.plan(rows, cm.num_actual_tokens, rt.plan.num_slots, s.sink, s.recent)
 
         rows, step_plan = rt.cached_step_value(cm, step_state)
         return RLKVMetadata(full=full_md, num_actual_tokens=cm.num_actual_tokens, rows=rows, step_plan=step_plan)

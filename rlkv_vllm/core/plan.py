@@ -11,13 +11,13 @@ does not matter for attention.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from .patterns import LayerHeads, layers_without_full_head, select_heads, split_layers, streaming_fraction
-from .settings import ModelShape, RLKVSettings
+from .settings import ModelShape, RLKVSettings, config_error
 
 
 def ring_index(pos: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
@@ -36,8 +36,49 @@ def ring_heads_of(layers: list[LayerHeads], mode: str) -> list[int]:
 
 def ring_bytes(ring_heads: list[int], num_slots: int, window: int, head_size: int, dtype: torch.dtype) -> int:
     """Bytes of all rings: (slots + 1 scratch) x window x ring heads x (K + V)."""
+    return (num_slots + 1) * ring_slot_bytes(ring_heads, window, head_size, dtype)
+
+
+def ring_slot_bytes(ring_heads: list[int], window: int, head_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one ring slot, all layers: window x ring heads x (K + V)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return (num_slots + 1) * window * sum(ring_heads) * 2 * head_size * elem
+    return window * sum(ring_heads) * 2 * head_size * elem
+
+
+# the request length "auto" ring slots are sized for, as a fraction of max_model_len
+AUTO_SLOT_TOKENS_FRACTION = 0.25
+
+
+def budget_ring_slots(budget: int, slot_bytes: int, bytes_per_token: int, request_tokens: int,
+                      max_num_seqs: int) -> int:
+    """How many ring slots a KV budget should hold: the requests it holds at ``request_tokens`` each.
+
+    Each running request costs one ring slot plus its paged tokens, and the ring has one
+    scratch slot more, so the budget B splits as
+
+        B = (slots + 1) * slot_bytes + slots * request_tokens * bytes_per_token
+        slots = floor((B - slot_bytes) / (slot_bytes + request_tokens * bytes_per_token))
+
+    clamped to [1, max_num_seqs]: a ring slot more than the paged pool can feed at that
+    length is memory taken from the pool for nothing, and more than max_num_seqs never run.
+
+    Why a representative length and not max_num_seqs: vLLM runs as many requests as the paged
+    pool holds blocks for, so running requests settle where the pool is full of requests of
+    their mean length in flight (prompt plus the output generated so far). ``request_tokens``
+    stands for that mean. Too long a guess caps running requests below what the pool would
+    run (each waits for a slot, not for blocks); too short keeps ring slots that never fill,
+    the cost this replaces. The default, max_model_len / 4 (``AUTO_SLOT_TOKENS_FRACTION``),
+    keeps every request of the H200 steady-state study running (665 at a mean of 2,523
+    tokens in flight, 0.29 x max_model_len 8,704: auto gives 779 slots of the 1,024 asked);
+    workloads of shorter requests set ``rlkv.slot_tokens`` or ``rlkv.ring_slots``.
+    budget: the whole KV budget (paged + ring) in bytes; request_tokens: rounded up to whole
+    blocks by the caller (the pool is charged whole blocks).
+    """
+    if slot_bytes <= 0:
+        return max_num_seqs  # no ring (no streaming head): slots cost nothing
+    per_request = slot_bytes + request_tokens * bytes_per_token
+    slots = (budget - slot_bytes) // per_request
+    return int(max(1, min(max_num_seqs, slots)))
 
 
 @dataclass
@@ -46,7 +87,10 @@ class RLKVPlan:
 
     mask: bool [L, H_kv] full heads (global indices); gates: float32 [L, H_kv].
     layers: this rank's per-layer split; ring_nbytes: bytes of this rank's rings
-    (max over ranks, which is what every rank must reserve).
+    (max over ranks, which is what every rank must reserve), ``num_slots + 1`` slots of
+    ``ring_slot_nbytes``. num_slots: ring slots, one per running request (slot ``num_slots``
+    is scratch); at most max_num_seqs, the runner's row count.
+    slots_by: why the ring has num_slots slots, in words (startup summary, /metrics).
     warnings: one-line problems that do not stop a start (e.g. a pattern made for another
     model), for the start-up log and ``rlkv pattern``.
     """
@@ -61,7 +105,18 @@ class RLKVPlan:
     max_num_seqs: int
     dtype: torch.dtype
     ring_nbytes: int
+    num_slots: int = 0
+    ring_slot_nbytes: int = 0
+    slots_by: str = "max_num_seqs"
     warnings: list[str] = field(default_factory=list)
+
+    def with_slots(self, num_slots: int, slots_by: str) -> "RLKVPlan":
+        """The same plan with a ring of ``num_slots`` slots (and the settings saying so, so a
+        worker that rebuilds the plan from them gets the same ring)."""
+        if not 1 <= num_slots <= self.max_num_seqs:
+            raise ValueError(f"num_slots must be in [1, {self.max_num_seqs}], got {num_slots}")
+        return replace(self, settings=replace(self.settings, ring_slots=num_slots), num_slots=num_slots,
+                       ring_nbytes=(num_slots + 1) * self.ring_slot_nbytes, slots_by=slots_by)
 
     @property
     def serve(self) -> bool:
@@ -110,7 +165,7 @@ class RLKVPlan:
             f"(sparsity {self.sparsity_actual:.3f}, selection {self.settings.selection}), "
             f"window {self.settings.sink}+{self.settings.recent}, "
             f"paged KV {self.paged_bytes_per_token()} B/token vs stock {self.stock_bytes_per_token()}, "
-            f"ring {self.ring_nbytes / 2**20:.1f} MiB for {self.max_num_seqs} slots"
+            f"ring {self.ring_nbytes / 2**20:.1f} MiB for {self.num_slots} slots"
         )
 
 
@@ -123,13 +178,25 @@ def build_plan(
     tp_size: int = 1,
     tp_rank: int = 0,
 ) -> RLKVPlan:
-    """Validate settings against a model shape and size the pools; raises RLKVConfigError."""
+    """Validate settings against a model shape and size the pools; raises RLKVConfigError.
+
+    The ring gets ``settings.ring_slots`` slots when that is a number, else max_num_seqs (an
+    "auto" ring is sized once the KV budget is known: ``RLKVPlan.with_slots``).
+    """
     heads = select_heads(settings, shape)
     mask = heads.mask
     layers = split_layers(mask, tp_size, tp_rank)
-    nbytes = max(
-        ring_bytes(ring_heads_of(split_layers(mask, tp_size, r), settings.mode), max_num_seqs,
-                   settings.window, shape.head_size, dtype)
+    if settings.ring_slots == "auto":
+        num_slots, slots_by = max_num_seqs, "max_num_seqs"
+    elif settings.ring_slots > max_num_seqs:
+        raise config_error("ring_slots", settings.ring_slots,
+                           f"must be at most max_num_seqs = {max_num_seqs} (one slot per running request), "
+                           'or "auto"')
+    else:
+        num_slots, slots_by = int(settings.ring_slots), "rlkv.ring_slots"
+    slot_nbytes = max(
+        ring_slot_bytes(ring_heads_of(split_layers(mask, tp_size, r), settings.mode), settings.window,
+                        shape.head_size, dtype)
         for r in range(tp_size)
     )
     return RLKVPlan(
@@ -142,6 +209,9 @@ def build_plan(
         layers=layers,
         max_num_seqs=max_num_seqs,
         dtype=dtype,
-        ring_nbytes=nbytes,
+        ring_nbytes=(num_slots + 1) * slot_nbytes,
+        num_slots=num_slots,
+        ring_slot_nbytes=slot_nbytes,
+        slots_by=slots_by,
         warnings=list(heads.warnings),
     )

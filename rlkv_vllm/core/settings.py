@@ -49,6 +49,12 @@ class RLKVSettings:
         Triton unified attention; also float32), or "auto" (flash_attn where usable).
     decode_kernel: the one-launch write + ring kernel of decode batches (kernel "triton"):
         "triton", "cuda" (csrc/rlkv_decode.cu), or "auto" (see runtime.resolve_decode_kernel).
+    ring_slots: streaming-ring slots, one per running request: "auto" (as many requests as the
+        KV budget holds at ``slot_tokens`` each, at most max_num_seqs; see
+        ``core.plan.budget_ring_slots``) or a number, at most max_num_seqs. Fewer slots than
+        max_num_seqs cap vLLM's running requests at the slot count; the rest wait.
+    slot_tokens: the request length "auto" sizes the ring for: "auto" (max_model_len / 4) or
+        a number of tokens, at most max_model_len.
     """
 
     heads: str | None = None
@@ -61,6 +67,8 @@ class RLKVSettings:
     kernel: str = "auto"
     full_kernel: str = "auto"
     decode_kernel: str = "auto"
+    ring_slots: int | str = "auto"
+    slot_tokens: int | str = "auto"
 
     @property
     def window(self) -> int:
@@ -93,6 +101,11 @@ SETTING_MEANINGS: dict[str, str] = {
                    "(vLLM's Triton attention)",
     "decode_kernel": "CUDA, the one-launch decode step: `triton` (what `auto` runs) or `cuda` "
                      "(`csrc/rlkv_decode.cu`, opt-in: slower so far)",
+    "ring_slots": "streaming-ring slots (one per running request): `auto` (the requests the KV budget holds at "
+                  "`slot_tokens` each, at most max_num_seqs) or a number <= max_num_seqs; running requests are "
+                  "capped at it, the rest wait",
+    "slot_tokens": "the request length `auto` ring slots are sized for: `auto` (max_model_len / 4) or tokens "
+                   "<= max_model_len",
 }
 
 
@@ -122,6 +135,16 @@ def _as_int(name: str, value: Any) -> int:
     if value <= 0:
         raise config_error(name, value, "must be a positive integer")
     return value
+
+
+def _as_auto_int(name: str, value: Any, allowed: str) -> int | str:
+    """ "auto" or a positive integer (ring_slots, slot_tokens)."""
+    if value == "auto":
+        return value
+    try:
+        return _as_int(name, value)
+    except RLKVConfigError:
+        raise config_error(name, value, f'must be "auto" or a positive integer ({allowed})') from None
 
 
 def _as_sparsity(value: Any) -> float:
@@ -196,6 +219,8 @@ def parse_settings(raw: Any, base_dir: str | None = None) -> RLKVSettings:
     sparsity = _as_sparsity(raw.get("sparsity", 0.5))
     sink = _as_int("sink", raw.get("sink", 16))
     recent = _as_int("recent", raw.get("recent", 64))
+    ring_slots = _as_auto_int("ring_slots", raw.get("ring_slots", "auto"), "at most max_num_seqs")
+    slot_tokens = _as_auto_int("slot_tokens", raw.get("slot_tokens", "auto"), "at most max_model_len")
 
     full_heads = None
     if "full_heads" in raw:
@@ -237,6 +262,8 @@ def parse_settings(raw: Any, base_dir: str | None = None) -> RLKVSettings:
         kernel=kernel,
         full_kernel=full_kernel,
         decode_kernel=decode_kernel,
+        ring_slots=ring_slots,
+        slot_tokens=slot_tokens,
     )
 
 

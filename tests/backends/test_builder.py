@@ -38,7 +38,7 @@ class StandInStockBuilder:
 class StandInRuntime:
     def __init__(self) -> None:
         self.settings = SimpleNamespace(sink=2, recent=3)
-        self.plan = SimpleNamespace(max_num_seqs=4, shape=SimpleNamespace(head_size=8))
+        self.plan = SimpleNamespace(max_num_seqs=4, num_slots=4, shape=SimpleNamespace(head_size=8))
         self.pool = TorchPool()
 
     def slot_ids_on_device(self, n):

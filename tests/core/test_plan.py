@@ -1,10 +1,13 @@
-"""The pure plan: ring geometry, per-layer head split, bytes per token, ring bytes over TP ranks."""
+"""The pure plan: ring geometry, per-layer head split, bytes per token, ring bytes over TP ranks,
+ring slots sized by the KV budget."""
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from rlkv_vllm.core.plan import build_plan, ring_bytes, ring_index
+from rlkv_vllm.core.plan import budget_ring_slots, build_plan, ring_bytes, ring_index, ring_slot_bytes
 from rlkv_vllm.core.settings import ModelShape, RLKVConfigError, RLKVSettings
 
 
@@ -83,3 +86,38 @@ def test_plan_counts_layers_without_full_head(tmp_path):
     plan = _pattern_plan(tmp_path, gates, "m", "m", sparsity=0.99)
     assert plan.settings.sparsity == 0.99 and plan.sparsity_actual == 0.9375
     assert plan.layers_without_full_head == 3
+
+
+def test_budget_ring_slots_hand_computed():
+    # B = (slots + 1) * r + slots * L * p  ->  slots = floor((B - r) / (r + L * p))
+    r, p = 1000, 10
+    assert budget_ring_slots(budget=1000 + 4 * (1000 + 100 * 10), slot_bytes=r, bytes_per_token=p,
+                             request_tokens=100, max_num_seqs=64) == 4
+    # one byte short of the fourth request: three
+    assert budget_ring_slots(1000 + 4 * 2000 - 1, r, p, 100, 64) == 3
+    # the budget holds more than max_num_seqs: max_num_seqs; less than one: still one
+    assert budget_ring_slots(10**9, r, p, 100, 64) == 64
+    assert budget_ring_slots(500, r, p, 100, 64) == 1
+    # no ring (no streaming head): slots cost nothing
+    assert budget_ring_slots(10_000, 0, p, 100, 64) == 64
+    # the docstring's H200 figures: Llama-8B s=0.5, 1,677,536 paged tokens + 1,025 slots, L = 8704 / 4
+    h200 = 1_677_536 * 65_536 + 1_025 * 5_242_880
+    assert budget_ring_slots(h200, 5_242_880, 65_536, 2_176, 1_024) == 779
+
+
+def test_plan_ring_slots_setting_and_with_slots():
+    mask = np.array([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=bool)
+    plan = _plan(mask)
+    slot = ring_slot_bytes([2, 4, 0], 16, 64, torch.float16)
+    assert (plan.num_slots, plan.ring_slot_nbytes, plan.ring_nbytes) == (8, slot, 9 * slot)
+    small = plan.with_slots(3, "budget")
+    assert (small.num_slots, small.ring_nbytes, small.settings.ring_slots, small.slots_by) == (3, 4 * slot, 3, "budget")
+    assert plan.num_slots == 8  # unchanged
+    with pytest.raises(ValueError):
+        plan.with_slots(9, "too many")
+    shape = ModelShape(num_layers=3, num_kv_heads=4, num_q_heads=8, head_size=64)
+    fixed = build_plan(replace(plan.settings, ring_slots=5), shape, max_num_seqs=8, dtype=torch.float16)
+    assert (fixed.num_slots, fixed.ring_nbytes, fixed.slots_by) == (5, 6 * slot, "rlkv.ring_slots")
+    with pytest.raises(RLKVConfigError, match=r"^rlkv\.ring_slots = 9 is not allowed: must be at most "
+                                              r"max_num_seqs = 8"):
+        build_plan(replace(plan.settings, ring_slots=9), shape, max_num_seqs=8, dtype=torch.float16)

@@ -54,6 +54,10 @@ def test_relative_path_resolved(tmp_path, pattern):
         ({"decode_kernel": "cuda", "kernel": "torch"}, "decode_kernel", "not 'torch'"),
         ({"colour": 1}, "colour", "allowed keys"),
         ({"full_heads": [[0, 1]]}, "full_heads", "explicit"),
+        ({"ring_slots": 0}, "ring_slots", '"auto" or a positive integer (at most max_num_seqs)'),
+        ({"ring_slots": "many"}, "ring_slots", '"auto" or a positive integer (at most max_num_seqs)'),
+        ({"slot_tokens": -1}, "slot_tokens", '"auto" or a positive integer (at most max_model_len)'),
+        ({"slot_tokens": 1.5}, "slot_tokens", '"auto" or a positive integer (at most max_model_len)'),
     ],
 )
 def test_bad_values(pattern, raw, field, hint):
@@ -61,6 +65,14 @@ def test_bad_values(pattern, raw, field, hint):
         parse_settings({"heads": pattern, **raw})
     msg = str(e.value)
     assert f"rlkv.{field}" in msg and hint in msg and "\n" not in msg
+
+
+def test_ring_slots_and_slot_tokens(pattern):
+    assert (parse_settings({"heads": pattern}).ring_slots, parse_settings({"heads": pattern}).slot_tokens) == \
+        ("auto", "auto")
+    s = parse_settings({"heads": pattern, "ring_slots": "12", "slot_tokens": 512.0})
+    assert (s.ring_slots, s.slot_tokens) == (12, 512)
+    assert parse_settings(s.to_dict()) == s  # written back to the workers as it is
 
 
 def test_missing_pattern_file(tmp_path):
@@ -91,7 +103,7 @@ def test_settings_table_covers_every_key():
     defaults = {k: d for k, d, _ in table}
     assert defaults == {"heads": "required", "sparsity": "0.5", "sink": "16", "recent": "64", "selection": "global",
                         "mode": "serve", "full_heads": "none", "kernel": "auto", "full_kernel": "auto",
-                        "decode_kernel": "auto"}
+                        "decode_kernel": "auto", "ring_slots": "auto", "slot_tokens": "auto"}
     assert all(meaning and "\n" not in meaning for _, _, meaning in table)
 
 

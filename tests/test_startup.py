@@ -1,0 +1,104 @@
+"""Start-up decisions without an engine: ring slots sized by the KV budget (or set, or left at
+max_num_seqs where vLLM sizes the cache), vLLM's running requests capped at them, the summary."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from rlkv_vllm import compat, startup
+from rlkv_vllm.core.plan import build_plan
+from rlkv_vllm.core.settings import ModelShape, RLKVConfigError, RLKVSettings
+
+SHAPE = ModelShape(num_layers=4, num_kv_heads=4, num_q_heads=8, head_size=32, model_id="tiny")
+# the tiny test model at sparsity 0.5 in fp32: 8 full heads (2,048 B/token), 8 ringed (163,840 B/slot)
+MASK = np.array([[1, 1, 0, 0]] * 4, dtype=bool)
+
+
+def _plan(max_num_seqs=8, **settings):
+    full = tuple((int(l), int(h)) for l, h in zip(*np.nonzero(MASK)))
+    st = RLKVSettings(selection="explicit", full_heads=full, **settings)
+    return build_plan(st, SHAPE, max_num_seqs=max_num_seqs, dtype=torch.float32)
+
+
+class Scheduler:
+    """vLLM's SchedulerConfig as far as the cap goes; active=False: a release without max_num_active_seqs."""
+
+    def __init__(self, max_num_seqs, active=True):
+        self.max_num_seqs = max_num_seqs
+        if active:
+            self.max_num_active_seqs = None
+
+
+def _config(max_num_seqs=8, max_model_len=2048, block=128, active=True):
+    return SimpleNamespace(scheduler_config=Scheduler(max_num_seqs, active),
+                           model_config=SimpleNamespace(max_model_len=max_model_len),
+                           cache_config=SimpleNamespace(block_size=block))
+
+
+def test_plan_numbers():
+    plan = _plan()
+    assert (plan.paged_bytes_per_token(), plan.ring_slot_nbytes) == (2048, 163_840)
+
+
+def test_auto_slots_from_the_budget_cap_running_requests():
+    # L = 512 tokens: r + L p = 163,840 + 1,048,576 = 1,212,416; (4 MiB - r) / that = 3.32 -> 3
+    cfg = _config()
+    plan = startup.size_ring_slots(cfg, _plan(slot_tokens=512), 4 << 20)
+    assert (plan.num_slots, plan.ring_nbytes, plan.settings.ring_slots) == (3, 4 * 163_840, 3)
+    assert cfg.scheduler_config.max_num_active_seqs == 3 and cfg.scheduler_config.max_num_seqs == 8
+    assert plan.slots_by.startswith("budget: the KV budget holds 3 requests of 512 tokens")
+    assert "max_num_active_seqs = 3" in plan.slots_by
+    lines = startup.summary_lines(plan, cpu=True, budget=4 << 20)
+    assert any(line.startswith("RLKV ring slots 3 of max_num_seqs 8, from budget: ") for line in lines)
+    assert any("3 slots + 1 scratch x 80 tokens" in line for line in lines)
+
+
+def test_auto_slot_tokens_is_a_quarter_of_max_model_len_in_whole_blocks():
+    # max_model_len 1000 -> 250 -> 256 (two blocks of 128): r + 256 p = 688,128; (4 MiB - r) / that = 5.85
+    plan = startup.size_ring_slots(_config(max_model_len=1000), _plan(), 4 << 20)
+    assert plan.num_slots == 5 and "5 requests of 256 tokens (rlkv.slot_tokens = auto: max_model_len x 0.25)" in plan.slots_by
+
+
+def test_without_max_num_active_seqs_max_num_seqs_is_lowered():
+    cfg = _config(active=False)
+    plan = startup.size_ring_slots(cfg, _plan(slot_tokens=512), 4 << 20)
+    assert plan.num_slots == 3 and cfg.scheduler_config.max_num_seqs == 3
+    assert "max_num_seqs = 3" in plan.slots_by
+
+
+def test_a_budget_for_more_than_max_num_seqs_keeps_max_num_seqs():
+    cfg = _config()
+    plan = startup.size_ring_slots(cfg, _plan(), 64 << 20)
+    assert plan.num_slots == 8 and plan.slots_by.startswith("max_num_seqs (the KV budget holds 8 requests")
+    assert cfg.scheduler_config.max_num_active_seqs is None  # no cap needed
+
+
+def test_no_budget_keeps_max_num_seqs_and_says_why():
+    plan = startup.size_ring_slots(_config(), _plan(), None)
+    assert plan.num_slots == 8 and "set --kv-cache-memory-bytes or rlkv.ring_slots" in plan.slots_by
+
+
+def test_a_set_slot_count_wins_and_caps():
+    cfg = _config()
+    plan = startup.size_ring_slots(cfg, _plan(ring_slots=2), None)
+    assert plan.num_slots == 2 and plan.slots_by.startswith("rlkv.ring_slots")
+    assert cfg.scheduler_config.max_num_active_seqs == 2
+
+
+def test_an_existing_active_cap_is_kept_when_lower():
+    cfg = _config()
+    cfg.scheduler_config.max_num_active_seqs = 2
+    assert compat.cap_running_requests(cfg, 5) == "max_num_active_seqs"
+    assert cfg.scheduler_config.max_num_active_seqs == 2
+
+
+def test_slot_tokens_beyond_max_model_len_is_refused():
+    with pytest.raises(RLKVConfigError) as e:
+        startup.size_ring_slots(_config(max_model_len=2048), _plan(slot_tokens=4096), 4 << 20)
+    msg = str(e.value)
+    assert msg.startswith("rlkv.slot_tokens = 4096 is not allowed: must be at most max_model_len = 2048")
+    assert "\n" not in msg
