@@ -19,3 +19,35 @@ def test_reclaims_dead_requests_only_when_full():
     m.assign(["a", "b"])
     assert m.assign(["c"], alive=lambda r: r != "a") == [0]
     assert m.slot_of("a") is None and m.slot_of("b") == 1
+
+
+@pytest.mark.slow
+def test_fewer_slots_than_max_num_seqs_requests_wait(tiny_model, tmp_path):
+    """A ring of 3 slots (auto, from a 4 MiB budget at 512-token requests) under max_num_seqs 8:
+    12 requests all finish, never more than 3 hold a slot, and the tokens are those of a ring
+    with a slot per max_num_seqs (greedy)."""
+    from rlkv_vllm.core.plan import budget_ring_slots
+    from rlkv_vllm.runtime import current_runtime
+    from tests.engine_utils import engine, greedy, mixed_prompts, random_gates, write_pattern
+
+    pattern = write_pattern(str(tmp_path / "p.json"), random_gates(4, 4, seed=5))
+    prompts = mixed_prompts(12)
+    budget, gen = 4 << 20, 40
+    common = dict(max_num_seqs=8, kv_cache_memory_bytes=budget, max_model_len=1024)
+    rlkv = {"heads": pattern, "sparsity": 0.5, "slot_tokens": 512}
+    with engine(tiny_model, rlkv, **common) as llm:
+        rt = current_runtime()
+        sched = llm.llm_engine.vllm_config.scheduler_config
+        plan = rt.plan
+        expect = budget_ring_slots(budget, plan.ring_slot_nbytes, plan.paged_bytes_per_token(), 512, 8)
+        assert plan.num_slots == expect == 3
+        assert rt.ring.num_slots == 3 and rt.slots.num_slots == 3
+        assert getattr(sched, "max_num_active_seqs", sched.max_num_seqs) == 3
+        few = greedy(llm, prompts, gen)
+        assert rt.slots.peak_in_use == 3 and rt.slots.total_assigned >= len(prompts)
+    with engine(tiny_model, {**rlkv, "ring_slots": 8}, **common) as llm:
+        assert current_runtime().plan.num_slots == 8
+        full = greedy(llm, prompts, gen)
+        assert current_runtime().slots.peak_in_use > 3
+    assert all(len(t) == gen for t in few)
+    assert few == full
