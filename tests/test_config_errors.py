@@ -299,3 +299,28 @@ def test_summary_lines(tiny_model, tmp_path, plugin_log, monkeypatch):
     assert "RLKV KV budget 64.0 MiB = paged" in text and "+ streaming ring" in text
     assert "RLKV kernels:" in text
     assert "WARNING RLKV: a test warning" in text
+
+
+@pytest.mark.parametrize("rlkv,hint", [
+    ({"ring_slots": 17}, "rlkv.ring_slots = 17 is not allowed: must be at most max_num_seqs = 16"),
+    ({"ring_slots": "lots"}, "rlkv.ring_slots = 'lots' is not allowed: must be \"auto\" or a positive integer"),
+    ({"slot_tokens": 0}, "rlkv.slot_tokens = 0 is not allowed: must be \"auto\" or a positive integer"),
+    ({"slot_tokens": 4096}, "rlkv.slot_tokens = 4096 is not allowed: must be at most max_model_len = 2048"),
+])
+def test_bad_ring_slots(tiny_model, good_pattern, rlkv, hint):
+    msg = refused(tiny_model, {"heads": good_pattern, **rlkv})
+    assert msg.startswith(hint), msg
+
+
+def test_ring_slots_from_the_budget_cap_the_scheduler(tiny_model, good_pattern, plugin_log):
+    """auto at a 4 MiB budget and 512-token requests: 3 slots of max_num_seqs 16 (163,840 B each, 2,048 B
+    per paged token: floor((4 MiB - r) / (r + 512 x 2,048)) = 3); the scheduler runs at most 3."""
+    cfg = engine_config(tiny_model, {"heads": good_pattern, "slot_tokens": 512}, kv_cache_memory_bytes=4 << 20)
+    sched = cfg.scheduler_config
+    assert (getattr(sched, "max_num_active_seqs", None) or sched.max_num_seqs) == 3
+    assert cfg.additional_config["rlkv"]["ring_slots"] == 3  # what the workers build
+    assert cfg.cache_config.kv_cache_memory_bytes == (4 << 20) - 4 * 163_840
+    line = next(line for line in plugin_log if "RLKV ring slots" in line)
+    assert line.startswith("INFO RLKV ring slots 3 of max_num_seqs 16, from budget: the KV budget holds 3 "
+                           "requests of 512 tokens"), line
+    assert "vLLM runs at most 3 requests at once" in line
