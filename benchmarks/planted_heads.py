@@ -314,7 +314,8 @@ def fixture_info(path: str) -> dict[str, Any]:
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     return {"path": os.path.relpath(path, ROOT), "bytes": size, "layers": cfg["num_hidden_layers"],
             "kv_heads": cfg["num_key_value_heads"], "q_heads": cfg["num_attention_heads"], "head_dim": cfg["head_dim"],
-            "train_spec": spec["train_spec"], "train_s": spec["train_s"], "train_log_last": spec["log"][-1]}
+            "stages": [{"train_spec": st["train_spec"], "init": st["init"], "train_s": st["train_s"],
+                        "log_last": st["log"][-1]} for st in spec["stages"]]}
 
 
 def main() -> None:
@@ -355,7 +356,7 @@ def main() -> None:
     doc = {"benchmark": "planted-heads", "device": f"cpu-{platform.machine()}", "vllm": vllm.__version__,
            "torch": torch.__version__, "date": DATE, "command": shlex.join(["python", *sys.argv]).replace(ROOT + "/", ""),
            "machine": {"cpus": os.cpu_count(), "loadavg_end": load_avg()},
-           "fixture": fixture_info(task.FIXTURE_DIR), "task": {**vars(spec), "query_pairs": list(spec.query_range()),
+           "fixture": fixture_info(task.FIXTURE_DIR), "task": {**vars(spec), "number_positions": [spec.query_range().start, spec.query_range().stop - 1],
                                                                 "train_prompts": [TRAIN_PROMPTS, TRAIN_SEED],
                                                                 "eval_prompts": [EVAL_PROMPTS, EVAL_SEED]},
            "critical_drop": CRITICAL_DROP, "targets": {**TARGETS, "budget_s": BUDGET_S},

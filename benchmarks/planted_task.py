@@ -1,21 +1,23 @@
-"""The planted-heads task and its tiny model: associative recall that only a few KV heads can solve.
+"""The planted-heads task and its tiny model: a recall that only a few KV heads can do.
 
-Task. A prompt is a list of ``pairs`` key -> value pairs (keys: distinct syllable words, values: distinct
-numbers 0..63, all single tokens), then ``?`` and one of the keys; the answer is that key's value:
+Task (passkey recall, as DuoAttention's retrieval data): a prompt is ``words`` filler words (syllables) with
+one number 0..63 among them, then ``?``; the answer is the number. Every token is one word:
 
-    <s> ba 17 ko 3 mi 42 ... ? ko    ->  3
+    <s> ba ko mi 42 te pa ... no ?    ->  42
 
-The queried pair is never inside the streaming window of the answer position (not among the ``sink``
-first tokens, not among the ``recent`` last), so a head that keeps only sink + recent cannot read it: the
-model must retrieve it through a head with a full cache.
+The number is never inside the streaming window of the answer position (not among the ``sink`` first tokens,
+not among the ``recent`` last), so a head that keeps only sink + recent cannot read it: the model has to
+fetch it through a head with a full cache.
 
 Model. A 4-layer Llama (4 query = 4 KV heads, head_dim 32, fp32, ~0.6M parameters) trained from scratch
-here, in a few minutes on CPU, through the oracle's attention (``rlkv_vllm.core.hf_reference``): in most
-batches only the PLANTED heads have a full cache and every other head streams (sink + recent), so the
-long-range lookup has to go through the planted heads; the other heads are full in some batches (each with
-probability ``p_other_full``, and all at once in ``p_all_full`` of the batches), so the model also works
-with every head full, as a dense model does. Which heads turn out critical is then measured, not assumed
-(``planted_heads.py`` ablates every head alone).
+here, in a few minutes on CPU, through the oracle's attention (``rlkv_vllm.core.hf_reference``). The numbers
+are split into as many contiguous ranges as there are PLANTED heads (0-20, 21-41, 42-63 for three); a batch
+holds numbers of one range, and in it only that range's planted head has a full cache while every other head
+streams (sink + recent). So each planted head alone fetches its own range, and none can stand in for another
+(one full head that fetched every number would make the others redundant, and no single head critical).
+Each other head is full in some batches (probability ``p_other_full``, all at once in ``p_all_full`` of the
+batches), so the model also works with every head full, as a dense model does. Which heads turn out critical is then measured, not assumed (``planted_heads.py``
+ablates every head alone).
 
 Tokenizer: a word-level ``tokenizers`` model saved as tokenizer.json with a PreTrainedTokenizerFast config,
 so transformers and vLLM load it offline; it prepends ``<s>``.
@@ -37,8 +39,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE_DIR = os.path.join(HERE, "fixtures", "planted-recall")
 SPECIALS = ["<s>", "</s>", "<pad>", "<unk>"]
 QUERY = "?"
-# 32 keys: consonant-vowel syllables, no digits (the grader reads the last number of a completion)
-KEYS = [c + v for c in "bdgkmnpt" for v in "aeio"]
+# 32 filler words: consonant-vowel syllables, no digits (the grader reads the last number of a completion)
+FILLER = [c + v for c in "bdgkmnpt" for v in "aeio"]
 VALUES = [str(i) for i in range(64)]
 
 
@@ -46,43 +48,48 @@ VALUES = [str(i) for i in range(64)]
 class TaskSpec:
     """One prompt distribution.
 
-    pairs: key -> value pairs per prompt; sink, recent: the streaming window the queried pair must be
-    outside of (the trainer's training window).
+    words: words per prompt (the number included); sink, recent: the streaming window the number must be
+    outside of (the trainer's training window); layers: the model's depth, which bounds how far streaming
+    heads can relay a token forward (each layer reaches ``recent - 1`` further back).
     """
 
-    pairs: int = 20
+    words: int = 48
     sink: int = 4
     recent: int = 8
+    layers: int = 4
 
     @property
     def prompt_tokens(self) -> int:
-        """<s>, 2 tokens per pair, ``?`` and the key."""
-        return 2 * self.pairs + 3
+        """<s>, the words and ``?``."""
+        return self.words + 2
 
     def query_range(self) -> range:
-        """1-based pair indices whose value lies outside sink + recent of the last prompt position.
-
-        Pair i has its key at position 2i - 1 and its value at 2i; the last position is 2 * pairs + 2, whose
-        streaming window is positions < sink and > last - recent.
-        """
+        """Positions (1-based word index = token position, <s> being 0) the number may take: not a sink token,
+        and further back than streaming heads can reach from the last position even by relaying it through
+        every layer (``layers * (recent - 1)`` tokens); so with every head streaming it is out of reach."""
         last = self.prompt_tokens - 1
-        ok = [i for i in range(1, self.pairs + 1) if 2 * i >= self.sink and 2 * i <= last - self.recent]
-        return range(ok[0], ok[-1] + 1)
+        return range(self.sink, last - self.layers * (self.recent - 1))
 
 
 @dataclass(frozen=True)
 class Example:
     prompt: str
     answer: str
-    query_pair: int  # 1-based index of the queried pair
+    position: int  # token position of the number (<s> at 0)
 
 
-def make_example(rng: random.Random, spec: TaskSpec) -> Example:
-    keys = rng.sample(KEYS, spec.pairs)
-    values = rng.sample(VALUES, spec.pairs)
-    q = rng.choice(list(spec.query_range()))
-    body = " ".join(f"{k} {v}" for k, v in zip(keys, values))
-    return Example(f"{body} {QUERY} {keys[q - 1]}", values[q - 1], q)
+def value_group(value: str, groups: int) -> int:
+    """Which of ``groups`` contiguous ranges of VALUES a number falls in (0-20, 21-41, 42-63 for 3)."""
+    return VALUES.index(value) * groups // len(VALUES)
+
+
+def make_example(rng: random.Random, spec: TaskSpec, values: list[str] | None = None) -> Example:
+    """One prompt; ``values``: the numbers to draw from (default all)."""
+    words = rng.choices(FILLER, k=spec.words)
+    pos = rng.choice(list(spec.query_range()))
+    value = rng.choice(values or VALUES)
+    words[pos - 1] = value
+    return Example(" ".join(words) + f" {QUERY}", value, pos)
 
 
 def make_examples(n: int, seed: int, spec: TaskSpec = TaskSpec()) -> list[Example]:
@@ -105,7 +112,7 @@ def write_prompts(path: str, n: int, seed: int, spec: TaskSpec = TaskSpec()) -> 
 
 
 def vocabulary() -> list[str]:
-    return SPECIALS + [QUERY] + KEYS + VALUES
+    return SPECIALS + [QUERY] + FILLER + VALUES
 
 
 def build_tokenizer(out_dir: str) -> Any:
@@ -132,7 +139,7 @@ def build_tokenizer(out_dir: str) -> Any:
 class TrainSpec:
     """How the fixture is trained (every field is recorded in the fixture's planted_spec.json).
 
-    planted: (layer, KV head) pairs that keep a full cache in every training batch.
+    planted: (layer, KV head) pairs; the g-th is the one full head of the batches with numbers of range g.
     p_all_full: share of batches in which every head is full (a dense model must work too).
     p_other_full: in the other batches, each non-planted head is full with this probability, so no
         non-planted head can be relied on for the long-range lookup but all learn to live with a full cache.
@@ -144,13 +151,12 @@ class TrainSpec:
     head_dim: int = 32
     intermediate: int = 256
     planted: tuple[tuple[int, int], ...] = ((1, 2), (2, 1), (3, 3))
-    p_all_full: float = 0.2
-    p_other_full: float = 0.15
-    steps: int = 3000
+    p_all_full: float = 0.05
+    p_other_full: float = 0.1
+    steps: int = 1200
     batch: int = 64
-    queries: int = 4
-    min_pairs: int = 8  # each batch draws its pair count from [min_pairs, task.pairs]: short lists learn faster
-    lr: float = 3e-3
+    min_words: int = 40  # each batch draws its length from [min_words, task.words]
+    lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.01
     seed: int = 0
@@ -168,24 +174,6 @@ def model_config(spec: TrainSpec) -> Any:
         initializer_range=0.02, torch_dtype="float32")
 
 
-def make_training_sequence(rng: random.Random, spec: TaskSpec, queries: int) -> tuple[list[str], list[int]]:
-    """One training sequence: an example's prompt and answer, then ``queries - 1`` more ``? key value``
-    lookups of other pairs outside the window; returns the words and the indices of the answer words.
-
-    The first lookup is exactly a task prompt; the others only add supervision (more answers per forward).
-    Every lookup's pair stays outside its own streaming window: it lies at least as far back as the first's.
-    """
-    keys = rng.sample(KEYS, spec.pairs)
-    values = rng.sample(VALUES, spec.pairs)
-    picks = rng.sample(list(spec.query_range()), queries)
-    words = [w for kv in zip(keys, values) for w in kv]
-    targets = []
-    for q in picks:
-        words += [QUERY, keys[q - 1], values[q - 1]]
-        targets.append(len(words))  # position of the value once <s> is prepended
-    return words, targets
-
-
 def encode_batch(tok: Any, examples: list[Example]) -> tuple[Any, Any]:
     """input ids [B, T] (equal lengths: every prompt of a TaskSpec has the same token count) and answer ids [B]."""
     import torch
@@ -195,17 +183,25 @@ def encode_batch(tok: Any, examples: list[Example]) -> tuple[Any, Any]:
     return ids, answers
 
 
-def mask_schedule(spec: TrainSpec, rng: random.Random) -> Iterator[list[list[float]]]:
-    """Per batch, the 0/1 gate of every (layer, KV head): planted heads 1, the rest as TrainSpec says."""
-    planted = set(spec.planted)
+def mask_schedule(spec: TrainSpec, rng: random.Random) -> Iterator[tuple[int, list[list[float]]]]:
+    """Per batch, the number range g and the 0/1 gate of every (layer, KV head): range g's planted head 1,
+    the other planted heads 0, the rest full with probability p_other_full (all full in p_all_full)."""
+    planted = list(spec.planted)
     while True:
+        g = rng.randrange(len(planted))
         all_full = rng.random() < spec.p_all_full
-        yield [[1.0 if (l, h) in planted or all_full or rng.random() < spec.p_other_full else 0.0
-                for h in range(spec.kv_heads)] for l in range(spec.layers)]
+        yield g, [[1.0 if (l, h) == planted[g] or all_full
+                   or ((l, h) not in planted and rng.random() < spec.p_other_full) else 0.0
+                   for h in range(spec.kv_heads)] for l in range(spec.layers)]
 
 
-def train_fixture(out_dir: str = FIXTURE_DIR, spec: TrainSpec = TrainSpec(), log_every: int = 250) -> dict[str, Any]:
-    """Train the model on the task with the planted masks and write the fixture folder; returns the log."""
+def train_fixture(out_dir: str = FIXTURE_DIR, spec: TrainSpec = TrainSpec(), log_every: int = 250,
+                  init: str | None = None) -> dict[str, Any]:
+    """Train the model on the task with the planted masks and write the fixture folder; returns the log.
+
+    init: a fixture folder to continue from (a later stage: its weights, a fresh optimiser and schedule);
+    the stages so far are kept in planted_spec.json.
+    """
     import torch
     from transformers import LlamaForCausalLM
 
@@ -213,8 +209,13 @@ def train_fixture(out_dir: str = FIXTURE_DIR, spec: TrainSpec = TrainSpec(), log
 
     torch.manual_seed(spec.seed)
     rng = random.Random(spec.seed)
+    stages: list[dict[str, Any]] = []
+    if init is not None:
+        model = LlamaForCausalLM.from_pretrained(init, dtype=torch.float32)
+        stages = json.load(open(os.path.join(init, "planted_spec.json")))["stages"]
+    else:
+        model = LlamaForCausalLM(model_config(spec)).float()
     tok = build_tokenizer(out_dir)
-    model = LlamaForCausalLM(model_config(spec)).float()
     gates = torch.ones(spec.layers, spec.kv_heads)
     install_oracle(model, alpha=gates, sink=spec.task.sink, recent=spec.task.recent)
     model.train()
@@ -224,15 +225,13 @@ def train_fixture(out_dir: str = FIXTURE_DIR, spec: TrainSpec = TrainSpec(), log
     masks = mask_schedule(spec, rng)
     log, t0 = [], time.perf_counter()
     for step in range(1, spec.steps + 1):
-        gates.copy_(torch.tensor(next(masks)))
-        length = TaskSpec(rng.randint(spec.min_pairs, spec.task.pairs), spec.task.sink, spec.task.recent)
-        seqs = [make_training_sequence(rng, length, spec.queries) for _ in range(spec.batch)]
-        ids = torch.tensor([tok(" ".join(words))["input_ids"] for words, _ in seqs], dtype=torch.long)
-        at = torch.tensor([targets for _, targets in seqs], dtype=torch.long)  # [B, queries]
-        answers = ids.gather(1, at)
-        logits = model(input_ids=ids).logits.gather(
-            1, (at - 1)[..., None].expand(-1, -1, len(vocabulary())))  # the position before each answer predicts it
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), answers.reshape(-1))
+        group, mask = next(masks)
+        gates.copy_(torch.tensor(mask))
+        values = [v for v in VALUES if value_group(v, len(spec.planted)) == group]
+        length = TaskSpec(rng.randint(spec.min_words, spec.task.words), spec.task.sink, spec.task.recent)
+        ids, answers = encode_batch(tok, [make_example(rng, length, values) for _ in range(spec.batch)])
+        logits = model(input_ids=ids).logits[:, -1]
+        loss = torch.nn.functional.cross_entropy(logits, answers)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -247,8 +246,10 @@ def train_fixture(out_dir: str = FIXTURE_DIR, spec: TrainSpec = TrainSpec(), log
     model.save_pretrained(out_dir, safe_serialization=True)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}, f)
+    stages.append({"train_spec": asdict(spec), "init": None if init is None else os.path.basename(init.rstrip("/")),
+                   "log": log, "train_s": round(time.perf_counter() - t0, 1)})
     with open(os.path.join(out_dir, "planted_spec.json"), "w") as f:
-        json.dump({"train_spec": asdict(spec), "log": log, "train_s": time.perf_counter() - t0}, f, indent=1)
+        json.dump({"stages": stages}, f, indent=1)
     return {"log": log}
 
 
@@ -257,11 +258,16 @@ def main() -> None:
     p.add_argument("--out", default=FIXTURE_DIR, help="fixture folder (default %(default)s)")
     p.add_argument("--steps", type=int, default=TrainSpec.steps, help="training steps (default %(default)s)")
     p.add_argument("--seed", type=int, default=TrainSpec.seed, help="seed (default %(default)s)")
+    p.add_argument("--lr", type=float, default=TrainSpec.lr, help="peak learning rate (default %(default)s)")
+    p.add_argument("--p-all-full", type=float, default=TrainSpec.p_all_full, help="(default %(default)s)")
+    p.add_argument("--p-other-full", type=float, default=TrainSpec.p_other_full, help="(default %(default)s)")
+    p.add_argument("--init", default=None, help="continue from this fixture folder (a later stage)")
     a = p.parse_args()
     import torch
 
     torch.set_num_threads(1)  # two threads on a shared 2-core machine run ~20x slower (OpenMP spinning)
-    train_fixture(a.out, TrainSpec(steps=a.steps, seed=a.seed))
+    train_fixture(a.out, TrainSpec(steps=a.steps, seed=a.seed, lr=a.lr, p_all_full=a.p_all_full,
+                                       p_other_full=a.p_other_full), init=a.init)
 
 
 if __name__ == "__main__":
