@@ -2,7 +2,7 @@
 
 Stages (each cached where it is costly; ``--stage`` runs one):
 
-1. fixture: the tiny associative-recall model (``planted_task.py``), trained once and committed under
+1. fixture: the tiny passkey-recall model (``planted_task.py``), trained once and committed under
    benchmarks/fixtures/planted-recall/; the trainer's prompt file (512 prompts, seed 1) beside it.
 2. ground truth: every (layer, KV head) made streaming alone (sink 4 + recent 8, the oracle's serve
    semantics: ``hf_reference`` with a full-head mask), the others full; its drop in greedy accuracy on 2,000

@@ -63,12 +63,13 @@ def test_task_generator_is_deterministic():
 
 
 def test_number_is_outside_the_streaming_window():
-    """The number is neither a sink token nor among the recent ones of the answer position, for any spec."""
-    for spec in (task.TaskSpec(), task.TaskSpec(words=16), task.TaskSpec(words=64, sink=16, recent=16)):
+    """The number is neither a sink token nor within reach of the answer position through streaming heads,
+    even relayed through every layer (each reaches recent - 1 further back)."""
+    for spec in (task.TaskSpec(), task.TaskSpec(words=40), task.TaskSpec(words=80, sink=16, recent=12)):
         last = spec.prompt_tokens - 1
         seen = set()
         for ex in task.make_examples(300, 3, spec):
-            assert spec.sink <= ex.position <= last - spec.recent
+            assert spec.sink <= ex.position < last - spec.layers * (spec.recent - 1)
             seen.add(ex.position)
         assert seen == set(spec.query_range())  # every allowed position occurs
 
