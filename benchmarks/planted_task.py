@@ -20,7 +20,8 @@ batches), so the model also works with every head full, as a dense model does. W
 ablates every head alone).
 
 Tokenizer: a word-level ``tokenizers`` model saved as tokenizer.json with a PreTrainedTokenizerFast config,
-so transformers and vLLM load it offline; it prepends ``<s>``.
+so transformers and vLLM load it offline; it prepends ``<s>``. Its chat template (``CHAT_TEMPLATE``) renders a
+user message to ``<s>`` + the prompt text, so chat requests see the training tokens.
 
     python benchmarks/planted_task.py            # writes benchmarks/fixtures/planted-recall/
 """
@@ -42,6 +43,12 @@ QUERY = "?"
 # 32 filler words: consonant-vowel syllables, no digits (the grader reads the last number of a completion)
 FILLER = [c + v for c in "bdgkmnpt" for v in "aeio"]
 VALUES = [str(i) for i in range(64)]
+# The chat template (for the OpenAI chat endpoint: `rlkv eval`, the quick start): BOS, then the user messages'
+# text as it is; no role tokens (the model never saw any) and no generation prompt (the model answers right
+# after "?"). Rendered and tokenised with add_special_tokens=False (vLLM's chat default) it gives exactly the
+# training ids, tokenizer(prompt)["input_ids"]; system and assistant messages are dropped.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages if message['role'] == 'user' %}"
+                 "{{ ' ' if not loop.first }}{{ message['content'] }}{% endfor %}")
 
 
 @dataclass(frozen=True)
@@ -127,8 +134,20 @@ def build_tokenizer(out_dir: str) -> Any:
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>", model_max_length=1 << 20, clean_up_tokenization_spaces=False)
+    fast.chat_template = CHAT_TEMPLATE
     os.makedirs(out_dir, exist_ok=True)
     fast.save_pretrained(out_dir)
+    # transformers 5 saves the template as chat_template.jinja; keep it in tokenizer_config.json, which every
+    # transformers and vLLM version reads (one file, as the committed fixture has it)
+    jinja = os.path.join(out_dir, "chat_template.jinja")
+    if os.path.exists(jinja):
+        os.remove(jinja)
+    cfg_path = os.path.join(out_dir, "tokenizer_config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["chat_template"] = CHAT_TEMPLATE
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
     return fast
 
 
