@@ -120,13 +120,14 @@ class Evaluator:
         self.torch = torch
         self.model = load_reference_model(model_dir, sink=sink, recent=recent)
         self.sink, self.recent = sink, recent
-        tok = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = tok = AutoTokenizer.from_pretrained(model_dir)
         self.ids, self.answers = task.encode_batch(tok, examples)
         cfg = self.model.config
         self.shape = (int(cfg.num_hidden_layers), int(cfg.num_key_value_heads))
 
-    def accuracy(self, full_mask: np.ndarray, batch: int = 500) -> float:
-        """Greedy accuracy with the heads of ``full_mask`` (bool [L, H_kv], True = full) full, the rest streaming."""
+    def predictions(self, full_mask: np.ndarray, batch: int = 500) -> np.ndarray:
+        """Greedy answer token ids [N] with the heads of ``full_mask`` (bool [L, H_kv], True = full) full, the
+        rest streaming."""
         from rlkv_vllm.core.hf_reference import install_oracle
 
         install_oracle(self.model, full_mask=np.asarray(full_mask, dtype=bool), sink=self.sink, recent=self.recent)
@@ -134,7 +135,11 @@ class Evaluator:
         with self.torch.no_grad():
             for s in range(0, self.ids.shape[0], batch):
                 preds.append(self.model(input_ids=self.ids[s:s + batch]).logits[:, -1].argmax(-1))
-        return accuracy(self.torch.cat(preds).numpy(), self.answers.numpy())
+        return self.torch.cat(preds).numpy()
+
+    def accuracy(self, full_mask: np.ndarray, batch: int = 500) -> float:
+        """Greedy accuracy with the heads of ``full_mask`` full, the rest streaming."""
+        return accuracy(self.predictions(full_mask, batch), self.answers.numpy())
 
 
 def ground_truth(ev: Evaluator) -> dict[str, Any]:
@@ -232,6 +237,75 @@ def read_run(out: str) -> dict[str, Any]:
             "settings": {k: cfg.get(k) for k in ("objective", "optim", "rollout", "run", "reward")}}
 
 
+# ---------------------------------------------------------------- serving: the chat endpoint
+
+
+SERVE_ARGS = ["--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "8",
+              "--kv-cache-memory-bytes", str(64 << 20), "--enforce-eager"]
+CHAT_PROMPTS = 32  # the first of the held-out prompts
+
+
+def chat_answers(base_url: str, prompts: Sequence[str], max_tokens: int = 1) -> tuple[list[str], list[int]]:
+    """One greedy chat completion per prompt (the user message is the prompt text): the answers' text and the
+    prompt token counts the server reports."""
+    import urllib.request
+
+    answers, counts = [], []
+    for prompt in prompts:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                "temperature": 0}
+        req = urllib.request.Request(base_url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            doc = json.load(r)
+        answers.append(doc["choices"][0]["message"]["content"].strip())
+        counts.append(int(doc["usage"]["prompt_tokens"]))
+    return answers, counts
+
+
+def serve_check(examples: Sequence[task.Example], pattern: str | None, sparsity: float | None, sink: int,
+                recent: int, log_path: str | None = None) -> dict[str, Any]:
+    """``rlkv serve`` on the fixture, stock (``pattern`` None: no RLKV backend) or with RLKV at ``sparsity``
+    (window sink + recent), and one chat request per example: answers, accuracy, prompt token counts."""
+    from rlkv_vllm.server import start_server
+
+    rlkv = None if pattern is None else {"heads": pattern, "sparsity": sparsity, "sink": sink, "recent": recent}
+    t0 = time.perf_counter()
+    with start_server(task.FIXTURE_DIR, rlkv=rlkv, extra_args=SERVE_ARGS, log_path=log_path,
+                      env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}) as srv:
+        started = time.perf_counter() - t0
+        answers, counts = chat_answers(srv.base_url, [ex.prompt for ex in examples])
+        args = list(srv.args)
+    gold = [ex.answer for ex in examples]
+    return {"serve_args": args, "startup_s": round(started, 1), "answers": answers, "prompt_tokens": counts,
+            "accuracy": float(np.mean([a == g for a, g in zip(answers, gold)]))}
+
+
+def chat_check(ev: Evaluator, examples: Sequence[task.Example], pattern: str, sparsity: float) -> dict[str, Any]:
+    """The fixture served stock and with the learned pattern at its sparsity, through the chat endpoint: each
+    server's answers against the oracle's greedy answers with the same full heads (the same tokens in, the same
+    semantics), and the prompt token counts against the training prompts' (BOS + words + ?)."""
+    from rlkv_vllm.core.patterns import HeadPattern, select_full_heads
+
+    tok = ev.tokenizer
+    n = len(examples)
+    expect_tokens = [len(tok(ex.prompt)["input_ids"]) for ex in examples]
+    masks = {"stock": np.ones(ev.shape, dtype=bool),
+             "rlkv": select_full_heads(HeadPattern.load(pattern).gates, sparsity, "global")}
+    out: dict[str, Any] = {"prompts": n, "max_tokens": 1, "temperature": 0, "sparsity": sparsity,
+                           "pattern": os.path.relpath(pattern, ROOT)}
+    for name, mask in masks.items():
+        r = serve_check(examples, None if name == "stock" else pattern, sparsity, ev.sink, ev.recent)
+        oracle = [tok.convert_ids_to_tokens(int(i)) for i in ev.predictions(mask)[:n]]
+        r["oracle_accuracy"] = float(np.mean([o == ex.answer for o, ex in zip(oracle, examples)]))
+        r["matches_oracle"] = int(sum(a == o for a, o in zip(r["answers"], oracle)))
+        r["prompt_tokens_as_training"] = r["prompt_tokens"] == expect_tokens
+        r["full_heads"] = [head_name(*ij) for ij in zip(*np.nonzero(mask))]
+        out[name] = r
+    out["met"] = all(out[k]["matches_oracle"] == n and out[k]["prompt_tokens_as_training"] for k in masks)
+    return out
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -256,6 +330,24 @@ def evaluate_run(ev: Evaluator, gt: dict[str, Any], run: dict[str, Any], random_
             "reward_first": run["reward_first"], "reward_last10": run["reward_last10"],
             "logprob_diff_max": run["logprob_diff_max"], "step_s_mean": run["step_s_mean"],
             "settings": run["settings"], "targets_met": checks}
+
+
+def pattern_path(reward: str) -> str:
+    return os.path.join(RESULTS_DIR, f"planted-heads-pattern-{reward}.json")
+
+
+def export_pattern(out: str, reward: str, sparsity: float, results_name: str) -> str:
+    """The run's DIR/pattern.json as benchmarks/results/planted-heads-pattern-<reward>.json, its metadata noting
+    the learned sparsity to serve it at (``rlkv serve ... "sparsity": S``) and the results file."""
+    from rlkv_vllm.core.patterns import HeadPattern
+
+    pattern = HeadPattern.load(os.path.join(out, "pattern.json"))
+    pattern.metadata["planted_heads"] = {"learned_sparsity": sparsity, "results": results_name,
+                                         "fixture": os.path.relpath(task.FIXTURE_DIR, ROOT)}
+    path = pattern_path(reward)
+    pattern.path = None
+    pattern.save(path)
+    return path
 
 
 def plot(doc: dict[str, Any], path: str) -> None:
@@ -313,6 +405,13 @@ def summary(doc: dict[str, Any]) -> str:
         lines.append(f"{reward:<12} {r['auc']:5.3f} {at['effective_sparsity']:8.3f} {at['learned_accuracy']:8.3f} "
                      f"{at['random_accuracy_mean']:8.3f} {r['kept_fraction']:6.3f} {r['random_loss_points']:9.1f} "
                      f"{r['timing']['wall_s']:7.0f}  {met}")
+    if "chat_check" in doc:
+        c = doc["chat_check"]
+        lines.append(f"chat endpoint, {c['prompts']} prompts: stock {c['stock']['accuracy']:.3f} "
+                     f"({c['stock']['matches_oracle']} as the oracle), rlkv at sparsity {c['sparsity']:.3f} "
+                     f"{c['rlkv']['accuracy']:.3f} ({c['rlkv']['matches_oracle']} as the oracle); "
+                     f"token counts as training: {c['stock']['prompt_tokens_as_training']}, "
+                     f"{c['rlkv']['prompt_tokens_as_training']}")
     return "\n".join(lines)
 
 
@@ -336,6 +435,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="override run.steps of the config")
     p.add_argument("--smoke", action="store_true", help="one training step per reward, print, write nothing")
     p.add_argument("--out", default=None, help="results JSON path (default benchmarks/results/planted-heads-...)")
+    p.add_argument("--skip-serve", action="store_true", help="no chat check through rlkv serve")
     a = p.parse_args()
     import torch
 
@@ -370,10 +470,22 @@ def main() -> None:
                                                                 "eval_prompts": [EVAL_PROMPTS, EVAL_SEED]},
            "critical_drop": CRITICAL_DROP, "targets": {**TARGETS, "budget_s": BUDGET_S},
            "ground_truth": gt, "runs": runs, "total_s": round(time.perf_counter() - t_start, 1)}
+    stem = a.out or os.path.join(RESULTS_DIR, f"planted-heads-{doc['device']}-vllm{doc['vllm']}-{DATE}.json")
+    if not a.smoke:
+        for reward, r in runs.items():
+            r["pattern_file"] = os.path.relpath(
+                export_pattern(os.path.join(a.runs, reward), reward, r["at_learned_sparsity"]["sparsity"],
+                               os.path.basename(stem)), ROOT)
+    if not a.skip_serve and "correctness" in runs and not a.smoke:
+        t0 = time.perf_counter()
+        examples = task.make_examples(EVAL_PROMPTS, EVAL_SEED, spec)[:CHAT_PROMPTS]
+        doc["chat_check"] = chat_check(ev, examples, pattern_path("correctness"),
+                                       runs["correctness"]["at_learned_sparsity"]["sparsity"])
+        doc["chat_check"]["seconds"] = round(time.perf_counter() - t0, 1)
+    doc["total_s"] = round(time.perf_counter() - t_start, 1)
     print(summary(doc))
     if a.smoke:
         return
-    stem = a.out or os.path.join(RESULTS_DIR, f"planted-heads-{doc['device']}-vllm{doc['vllm']}-{DATE}.json")
     with open(stem, "w") as f:
         json.dump(doc, f, indent=1)
     plot(doc, os.path.splitext(stem)[0] + ".png")

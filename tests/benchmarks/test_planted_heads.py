@@ -1,6 +1,7 @@
-"""The planted-heads benchmark (benchmarks/planted_heads.py): the committed fixture, the task generator, the
-metric helpers on hand-made inputs, and the committed results file (its fields and the targets, met or
-reported). The 20-minute training never runs here."""
+"""The planted-heads benchmark (benchmarks/planted_heads.py): the committed fixture and its chat template, the
+task generator, the metric helpers on hand-made inputs, the committed results file (its fields, its numbers
+recomputed, the targets) and the learned pattern files; slow: the fixture served through the chat endpoint,
+stock and with the learned pattern. The 20-minute training never runs here."""
 
 from __future__ import annotations
 
@@ -48,6 +49,33 @@ def test_fixture_loads_and_solves_the_task():
     assert ev.shape == (4, 4)
     assert ev.accuracy(np.ones(ev.shape, dtype=bool)) >= 0.9
     assert ev.accuracy(np.zeros(ev.shape, dtype=bool)) <= 0.2
+
+
+def _training_prompts(n: int) -> list[str]:
+    return [json.loads(line)["prompt"] for line in open(ph.PROMPTS).read().splitlines()[:n]]
+
+
+def test_chat_template_gives_the_training_ids():
+    """A chat request whose user message is the prompt text gets exactly the ids the model was trained on
+    (tokenizer(prompt), BOS first): rendered by the template, tokenised without special tokens (vLLM's chat
+    default); a system message adds nothing; the trainer's own chat rendering agrees."""
+    from transformers import AutoTokenizer
+
+    from rlkv_trainer.data import PromptFormat, PromptRecord, render_prompts
+
+    tok = AutoTokenizer.from_pretrained(task.FIXTURE_DIR)
+    assert tok.chat_template == task.CHAT_TEMPLATE
+    prompts = _training_prompts(16)
+    train_ids, _ = task.encode_batch(tok, [task.Example(p, "0", 0) for p in prompts])
+    for prompt, ids in zip(prompts, train_ids.tolist()):
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+        for messages in ([{"role": "user", "content": prompt}],
+                         [{"role": "system", "content": "be brief"}, {"role": "user", "content": prompt}]):
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            assert tok(text, add_special_tokens=False)["input_ids"] == ids, text
+    records = [PromptRecord(id=str(i), prompt=p) for i, p in enumerate(prompts)]
+    rendered = render_prompts(tok, records, PromptFormat(system_prompt="be brief"))
+    assert [r.token_ids for r in rendered] == train_ids.tolist()
 
 
 # ---------------------------------------------------------------- task
@@ -166,3 +194,77 @@ def test_results_targets(results, reward):
     assert all(r["targets_met"].values()), {k: v for k, v in r["targets_met"].items() if not v} | {
         "auc": r["auc"], "kept": r["kept_fraction"], "random_loss": r["random_loss_points"],
         "wall_s": r["timing"]["wall_s"]}
+
+
+def test_results_recompute_the_sparsity_numbers(results):
+    """kept fraction and random loss from the stored accuracies; the full heads are the global selection of the
+    stored gates at the stored sparsity; the curve's random means are the mean of 5 patterns per count."""
+    from rlkv_vllm.core.patterns import select_full_heads
+
+    dense = results["ground_truth"]["dense_accuracy"]
+    for r in results["runs"].values():
+        at = r["at_learned_sparsity"]
+        assert r["kept_fraction"] == pytest.approx(at["learned_accuracy"] / dense)
+        assert at["random_accuracy_mean"] == pytest.approx(np.mean(at["random_accuracies"]))
+        assert r["random_loss_points"] == pytest.approx(100 * (dense - at["random_accuracy_mean"]))
+        assert r["targets_met"]["random_loss_points"] == (r["random_loss_points"] >= ph.TARGETS["random_loss_points"])
+        mask = select_full_heads(np.asarray(r["gates"]), at["sparsity"], "global")
+        assert at["full_heads"] == [ph.head_name(*ij) for ij in zip(*np.nonzero(mask))]
+        assert at["n_full"] == int(mask.sum())
+        assert r["curve"]["n_full"] == list(ph.CURVE_COUNTS)
+
+
+@pytest.mark.parametrize("reward", ph.REWARDS)
+def test_learned_pattern_files(results, reward):
+    """benchmarks/results/planted-heads-pattern-<reward>.json: the run's gates, loadable as a serve pattern for the
+    fixture, with the sparsity to serve it at."""
+    from rlkv_vllm.core.patterns import HeadPattern
+
+    r = results["runs"][reward]
+    path = os.path.join(ROOT, r["pattern_file"])
+    assert path == ph.pattern_path(reward)
+    pattern = HeadPattern.load(path)
+    assert pattern.gates.shape == (4, 4)
+    np.testing.assert_allclose(pattern.gates, np.asarray(r["gates"]), atol=1e-6)
+    assert pattern.metadata["planted_heads"]["learned_sparsity"] == r["at_learned_sparsity"]["sparsity"]
+    assert pattern.metadata["sink"] == 4 and pattern.metadata["recent"] == 8
+
+
+def test_results_chat_check(results):
+    """The benchmark's own check of the chat endpoint (stock and RLKV at the learned sparsity): every answer the
+    oracle's, with the training token counts."""
+    c = results["chat_check"]
+    for name in ("stock", "rlkv"):
+        assert c[name]["prompt_tokens_as_training"] and c[name]["matches_oracle"] == c["prompts"], c[name]
+    assert c["met"]
+
+
+# ---------------------------------------------------------------- the chat endpoint (slow: starts servers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("served", ["stock", "rlkv"])
+def test_chat_endpoint_answers_the_number(results, served):
+    """``rlkv serve`` on the fixture, stock or with the learned (correctness) pattern at its sparsity, sink 4 +
+    recent 8: a chat request whose user message is the prompt text (max_tokens 1, temperature 0) answers the
+    hidden number wherever the oracle with the same full heads does, and exactly as the oracle elsewhere; the
+    server counts the training prompt's tokens (BOS + 48 words + ?)."""
+    from rlkv_vllm.core.patterns import select_full_heads
+
+    spec = task.TaskSpec()
+    examples = task.make_examples(8, ph.EVAL_SEED, spec)
+    ev = ph.Evaluator(task.FIXTURE_DIR, examples, spec.sink, spec.recent)
+    sparsity = results["runs"]["correctness"]["at_learned_sparsity"]["sparsity"]
+    pattern = ph.pattern_path("correctness")
+    if served == "stock":
+        mask, r = np.ones(ev.shape, dtype=bool), ph.serve_check(examples, None, None, spec.sink, spec.recent)
+    else:
+        from rlkv_vllm.core.patterns import HeadPattern
+
+        mask = select_full_heads(HeadPattern.load(pattern).gates, sparsity, "global")
+        r = ph.serve_check(examples, pattern, sparsity, spec.sink, spec.recent)
+        assert mask.sum() < mask.size  # some heads do stream
+    oracle = [ev.tokenizer.convert_ids_to_tokens(int(i)) for i in ev.predictions(mask)]
+    assert r["prompt_tokens"] == [spec.prompt_tokens] * len(examples)
+    assert r["answers"] == oracle
+    assert sum(a == ex.answer for a, ex in zip(r["answers"], examples)) >= 6, r["answers"]
