@@ -323,7 +323,13 @@ def evaluate_run(ev: Evaluator, gt: dict[str, Any], run: dict[str, Any], random_
         "random_loss_points": 100 * (dense - at["random_accuracy_mean"]) >= TARGETS["random_loss_points"],
         "budget": run["timing"]["wall_s"] <= BUDGET_S,
     }
+    # measured minus target (negative: missed by that much); budget: seconds left of the 20 minutes
+    margins = {"auc": None if auc is None else auc - TARGETS["auc"],
+               "kept_fraction": at["learned_accuracy"] / dense - TARGETS["kept_fraction"] if dense else None,
+               "random_loss_points": 100 * (dense - at["random_accuracy_mean"]) - TARGETS["random_loss_points"],
+               "budget": BUDGET_S - run["timing"]["wall_s"]}
     return {"gates": gates.tolist(), "auc": auc, "auc_by_threshold": aucs, "at_learned_sparsity": at,
+            "target_margins": margins,
             "kept_fraction": at["learned_accuracy"] / dense if dense else None,
             "random_loss_points": 100 * (dense - at["random_accuracy_mean"]),
             "curve": accuracy_curve(ev, gates, random_mean), "timing": run["timing"], "steps": run["steps"],
