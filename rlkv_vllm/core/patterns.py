@@ -211,7 +211,8 @@ def select_full_heads(
     Returns bool [L, H_kv], True = full head.
 
     - "global": one quantile over all heads (numpy's linear interpolation, as
-      ``torch.quantile``); heads at or above it stay full.
+      ``torch.quantile``); heads at or above it stay full. Gates tied at the quantile are kept
+      only as far as the quantile's own count, n - ceil(s * (n - 1)), lowest index first.
     - "per_layer": each layer keeps its round((1 - s) * H_kv) highest heads (ties: lower index).
     - "explicit": gates must be 0/1; 1 = full.
     """
@@ -226,8 +227,17 @@ def select_full_heads(
     if sparsity <= 0.0:
         return np.ones(g.shape, dtype=bool)
     if selection == "global":
-        threshold = np.quantile(g.reshape(-1), sparsity, method="linear")
-        return g >= threshold
+        flat = g.reshape(-1)
+        threshold = np.quantile(flat, sparsity, method="linear")
+        # the paper keeps every head at or above the quantile; where gates tie at it (a learned pattern's
+        # many exact zeros), that keeps them all and the sparsity asked is lost (s=0.5 of a pattern with 10
+        # zero gates in 16 would keep all 16). Keep as many as the quantile does on distinct values,
+        # n - ceil(s * (n - 1)), the tied ones by lowest index; without ties this is the paper's rule exactly
+        keep = flat.size - int(np.ceil(sparsity * (flat.size - 1) - 1e-9))
+        mask = flat > threshold
+        tied = np.flatnonzero(flat == threshold)
+        mask[tied[: max(0, keep - int(mask.sum()))]] = True
+        return mask.reshape(g.shape)
     if selection == "per_layer":
         n_layers, n_heads = g.shape
         keep = int(np.floor((1.0 - sparsity) * n_heads + 0.5))

@@ -86,6 +86,21 @@ def test_global_quantile_matches_torch(s):
     assert abs((1 - mask.mean()) - s) <= 1.0 / g.size + 1e-9
 
 
+@pytest.mark.parametrize("s, full", [(0.5, 8), (0.6, 7), (0.625, 6), (0.7, 5), (0.75, 4), (0.9, 2)])
+def test_global_selection_honours_the_sparsity_through_tied_gates(s, full):
+    """A learned pattern clamps many gates to exactly 0: the paper's ``>= quantile`` would keep every tied
+    head (at s=0.5 here all 16, sparsity 0). The quantile's own count is kept instead, the nonzero gates
+    first and the tied ones by lowest index."""
+    g = np.zeros((4, 4))
+    g[0, 0], g[0, 2], g[1, 2], g[2, 1], g[3, 3], g[0, 3] = 0.64, 0.57, 0.69, 0.90, 0.83, 0.14
+    mask = select_full_heads(g, s, "global")
+    assert mask.sum() == full == 16 - int(np.ceil(s * 15 - 1e-9))
+    order = np.argsort(-g.reshape(-1), kind="stable")  # ties by index
+    assert set(np.flatnonzero(mask.reshape(-1))) == set(order[:full])
+    ones = select_full_heads(np.ones((4, 4)), 0.5, "global")  # all tied
+    assert ones.sum() == 8 and ones.reshape(-1)[:8].all()
+
+
 def test_per_layer_topk():
     g = np.random.default_rng(2).uniform(size=(6, 8))
     mask = select_full_heads(g, 0.25, "per_layer")
