@@ -181,3 +181,16 @@ def test_the_readme_sweep_on_the_planted_recall_fixture() -> None:
         assert "streaming" in proc.stdout and os.path.getsize(os.path.join(out, "sweep.png")) > 10_000
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def test_the_runbook_sweep_command_parses() -> None:
+    """docs/RUNBOOK.md's GPU sweep command is valid sweep input (its paths are the operator's)."""
+    import re
+    import shlex
+
+    text = open(os.path.join(ROOT, "docs", "RUNBOOK.md"), encoding="utf-8").read()
+    cmd = re.search(r"```bash\n\s*(rlkv eval sweep .*?)```", text, flags=re.S).group(1)
+    argv = shlex.split(cmd.replace("\\\n", " "))[3:]
+    args = sweep.build_parser().parse_args(argv)
+    assert args.sparsities == [0.0, 0.4, 0.5, 0.6, 0.7] and args.samples == 4
+    assert [t for t, _ in [s.partition("=")[::2] for s in args.tasks]] == ["math500", "prompts"]
