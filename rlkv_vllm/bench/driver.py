@@ -126,6 +126,16 @@ def mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def profiled_step(engine: Any, profiler: StepProfiler | None) -> list[Any]:
+    """One ``engine.step()``, inside the profiler's window when one is open."""
+    if profiler:
+        profiler.before_step()
+    outs = engine.step()
+    if profiler:
+        profiler.after_step()
+    return outs
+
+
 def drive(llm: Any, probe: SchedulerProbe | None, prompts: list[list[int]], params: Any, tag: str,
           deadline: float | None, profiler: StepProfiler | None = None,
           on_progress: ProgressFn | None = None) -> dict[str, Any]:
@@ -160,11 +170,7 @@ def drive(llm: Any, probe: SchedulerProbe | None, prompts: list[list[int]], para
         return time.perf_counter() - (profiler.overhead_s if profiler else 0.0)
 
     while engine.has_unfinished_requests():
-        if profiler:
-            profiler.before_step()
-        outs = engine.step()
-        if profiler:
-            profiler.after_step()
+        outs = profiled_step(engine, profiler)
         now = clock()
         steps += 1
         decoding = live.issubset(first)  # every live request was past its prefill before this step
@@ -288,11 +294,7 @@ def drive_steady(llm: Any, probe: SchedulerProbe | None, loop: Any, concurrency:
         if deadline is not None and time.time() > deadline:
             truncated = True
             break
-        if profiler:
-            profiler.before_step()
-        outs = engine.step()
-        if profiler:
-            profiler.after_step()
+        outs = profiled_step(engine, profiler)
         now = clock()
         prefilled = False
         done: list[str] = []

@@ -44,6 +44,18 @@ def key_padding(
     return torch.ones(batch, num_keys, dtype=torch.bool, device=device)
 
 
+def check_qkv(b: int, hq: int, hk: int, tq: int, tk: int, d: int, k: torch.Tensor, v: torch.Tensor,
+              layout: str) -> None:
+    """Refuse inconsistent attention inputs (``layout`` names k/v's layout in the message): k and v of one
+    shape matching q's batch and head size, query heads a multiple of KV heads, no more queries than keys."""
+    if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[3] != d:
+        raise ValueError(f"k and v must be {layout} with B = {b}, D = {d}; got {list(k.shape)}, {list(v.shape)}")
+    if hq % hk:
+        raise ValueError(f"query heads {hq} not a multiple of KV heads {hk}")
+    if tq > tk:
+        raise ValueError(f"more queries ({tq}) than keys ({tk})")
+
+
 def _softmax_rows(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """softmax over the last dim where allowed; rows with nothing allowed (padding queries)
     get a dummy key and are zeroed by the caller, so no NaN reaches values or gradients."""
@@ -80,13 +92,7 @@ def gated_attention(
     """
     b, tq, hq, d = q.shape
     tk, hk = k.shape[1], k.shape[2]
-    if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[3] != d:
-        raise ValueError(f"k and v must be [B, Tk, Hk, D] with B = {b}, D = {d}; got {list(k.shape)}, "
-                         f"{list(v.shape)}")
-    if hq % hk:
-        raise ValueError(f"query heads {hq} not a multiple of KV heads {hk}")
-    if tq > tk:
-        raise ValueError(f"more queries ({tq}) than keys ({tk})")
+    check_qkv(b, hq, hk, tq, tk, d, k, v, "[B, Tk, Hk, D]")
     g = hq // hk
     dev = q.device
     cdt = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)

@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import torch
 
-from .batched import key_padding
+from .batched import check_qkv, key_padding
 
 # flex_attention's sparse block (tokens per side of a BlockMask tile)
 BLOCK = 128
@@ -275,13 +275,7 @@ def fused_attention_bhtd(
     """
     b, hq, tq, d = q.shape
     hk, tk = k.shape[1], k.shape[2]
-    if k.shape[0] != b or v.shape[:3] != k.shape[:3] or k.shape[3] != d:
-        raise ValueError(f"k and v must be [B, Hk, Tk, D] with B = {b}, D = {d}; got {list(k.shape)}, "
-                         f"{list(v.shape)}")
-    if hq % hk:
-        raise ValueError(f"query heads {hq} not a multiple of KV heads {hk}")
-    if tq > tk:
-        raise ValueError(f"more queries ({tq}) than keys ({tk})")
+    check_qkv(b, hq, hk, tq, tk, d, k, v, "[B, Hk, Tk, D]")
     if full_branch not in ("auto", "flex", "sdpa"):
         raise ValueError(f"full_branch must be 'auto', 'flex' or 'sdpa', got {full_branch!r}")
     g = hq // hk

@@ -11,7 +11,7 @@ from rlkv_vllm.core.reference import oracle_attention
 SINK, RECENT = 3, 5
 
 
-def _batch(lengths, tq, hk, g, d, dtype, seed, pad_side):
+def _batch(lengths, tq, hk, g, d, dtype, seed, pad_side, device="cpu"):
     """Random rows of the given real lengths, padded to one Tk; padding slots hold garbage."""
     gen = torch.Generator().manual_seed(seed)
     b, tk = len(lengths), max(lengths)
@@ -27,7 +27,7 @@ def _batch(lengths, tq, hk, g, d, dtype, seed, pad_side):
     garbage = (mask == 0)
     k[garbage] = 1e4  # never read
     v[garbage] = float("nan")
-    return q, k, v, mask
+    return tuple(x.to(device) for x in (q, k, v, mask))
 
 
 def _oracle_rows(q, k, v, mask, scale, **kw):

@@ -23,6 +23,7 @@ import torch
 from rlkv_vllm.core import fused
 from rlkv_vllm.core.batched import gated_attention
 from rlkv_vllm.core.fused import PaddingMasks, fused_gated_attention
+from tests.core.test_batched import _batch  # random padded rows, garbage in the padding
 
 SINK, RECENT = 3, 5
 CUDA = torch.cuda.is_available()
@@ -35,24 +36,6 @@ def cpu_flex_backward(monkeypatch):
     import torch.nn.attention.flex_attention as fa
 
     monkeypatch.setattr(fa, "_validate_device", lambda *args: None)
-
-
-def _batch(lengths, tq, hk, g, d, dtype, seed, pad_side, device="cpu"):
-    """Random rows of the given real lengths, padded to one Tk; padding slots hold garbage."""
-    gen = torch.Generator().manual_seed(seed)
-    b, tk = len(lengths), max(lengths)
-    q = torch.randn(b, tq, hk * g, d, generator=gen, dtype=torch.float64)
-    k = torch.randn(b, tk, hk, d, generator=gen, dtype=torch.float64)
-    v = torch.randn(b, tk, hk, d, generator=gen, dtype=torch.float64)
-    mask = torch.zeros(b, tk, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        if pad_side == "left":
-            mask[i, tk - n:] = 1
-        else:
-            mask[i, :n] = 1
-    k[mask == 0] = 1e4  # never read
-    v[mask == 0] = float("nan")
-    return tuple(x.to(device=device, dtype=dtype) for x in (q, k, v)) + (mask.to(device),)
 
 
 GATES = {
