@@ -24,7 +24,7 @@ DASHBOARD = os.path.join(COMPOSE, "grafana", "dashboards", "rlkv.json")
 ENTRYPOINT = os.path.join(DEPLOY, "docker", "entrypoint.py")
 # the Kubernetes release the manifests are checked against (kubernetes-validate ships 1.25-1.37)
 KUBERNETES_VERSION = "1.31.0"
-# custom resources: (apiVersion, kind) -> the vendored schema (deploy/schemas/SOURCES.md)
+# custom resources: (apiVersion, kind) -> the schema generated from its vendored CRD (deploy/schemas/SOURCES.md)
 CRD_SCHEMAS = {
     ("ray.io/v1", "RayCluster"): "kuberay-v1.4.2/raycluster.json",
     ("ray.io/v1", "RayJob"): "kuberay-v1.4.2/rayjob.json",
