@@ -167,7 +167,7 @@ def _pattern(a: argparse.Namespace) -> int:
         print("  the explicit selection takes the pattern's 1s as the full heads; rlkv.sparsity is not used")
     elif abs(effective - settings.sparsity) > 1e-9:
         why = (f"each layer keeps round((1 - s) x {mask.shape[1]}) heads" if settings.selection == "per_layer"
-               else f"the quantile over {mask.size} heads keeps whole heads, and heads tied at it stay full")
+               else f"the quantile over {mask.size} heads keeps n - ceil(s x (n - 1)) whole heads")
         print(f"  effective differs from requested: {why}")
     for layer, row in enumerate(mask):
         print(f"  layer {layer:3d}  {''.join('F' if m else '.' for m in row)}  full={int(row.sum())}")

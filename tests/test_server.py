@@ -164,7 +164,7 @@ def test_startup_summary_in_server_log(server):
             "layers with no full head: none") in text
     ring = (MAX_SEQS + 1) * (4 + 8) * 8 * 2 * 32 * 4  # (slots + scratch) x window x streaming heads x K,V
     assert f"RLKV KV budget 64.0 MiB = paged {((64 << 20) - ring) / 2**20:.1f} MiB (2048 B/token vs stock 4096)" in text
-    assert f"+ streaming ring 0.2 MiB ({ring} B, {MAX_SEQS + 1} slots x 12 tokens)" in text
+    assert f"+ streaming ring 0.2 MiB ({ring} B, {MAX_SEQS} slots + 1 scratch x 12 tokens)" in text
     assert "RLKV kernels:" in text
     assert "no KV budget set" not in text  # the budget was given
     assert "RLKV ring pool" in text  # the worker's line too (runtime's logger)
