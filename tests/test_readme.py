@@ -29,6 +29,24 @@ def first_hour_blocks() -> dict[str, str]:
     return dict(found)
 
 
+def _serve_then(blocks: dict[str, str], log: str, after: list[str]) -> str:
+    """A bash script: the setup block, the serve block in the background (its output to ``log``), a bounded
+    wait for /health that stops early if the server exits, then the ``after`` lines."""
+    return "\n".join([
+        "set -eo pipefail",
+        blocks["setup"],
+        # the serve block is one command: send its output to the log and run it in the background
+        blocks["serve"].rstrip() + f' > "{log}" 2>&1 &',
+        "server=$!",
+        f"for _ in $(seq {STARTUP_S}); do",
+        f"  curl -sf localhost:{PORT}/health >/dev/null && break",
+        '  kill -0 "$server" 2>/dev/null || { echo "the server exited" >&2; exit 3; }',
+        "  sleep 1",
+        "done",
+        *after,
+    ])
+
+
 def test_blocks_are_marked():
     blocks = first_hour_blocks()
     assert set(blocks) == {"setup", "serve", "client"}
@@ -94,17 +112,7 @@ def test_first_hour_commands_as_printed(tmp_path):
         pytest.skip(f"port {PORT} is taken on this machine; the README's curl line needs it")
     blocks = first_hour_blocks()
     log, answer = str(tmp_path / "server.log"), str(tmp_path / "answer.json")
-    script = "\n".join([
-        "set -eo pipefail",
-        blocks["setup"],
-        # the serve block is one command: send its output to the log and run it in the background
-        blocks["serve"].rstrip() + f' > "{log}" 2>&1 &',
-        "server=$!",
-        f"for _ in $(seq {STARTUP_S}); do",
-        f"  curl -sf localhost:{PORT}/health >/dev/null && break",
-        '  kill -0 "$server" 2>/dev/null || { echo "the server exited" >&2; exit 3; }',
-        "  sleep 1",
-        "done",
+    script = _serve_then(blocks, log, [
         f"curl -sf localhost:{PORT}/health >/dev/null || {{ echo 'no /health in {STARTUP_S}s' >&2; exit 4; }}",
         blocks["client"].rstrip() + f' > "{answer}"',
     ])
@@ -196,18 +204,7 @@ def test_eval_command_as_printed(tmp_path):
             os.remove(path)
     blocks = first_hour_blocks()
     log = str(tmp_path / "server.log")
-    script = "\n".join([
-        "set -eo pipefail",
-        blocks["setup"],
-        blocks["serve"].rstrip() + f' > "{log}" 2>&1 &',
-        "server=$!",
-        f"for _ in $(seq {STARTUP_S}); do",
-        f"  curl -sf localhost:{PORT}/health >/dev/null && break",
-        '  kill -0 "$server" 2>/dev/null || { echo "the server exited" >&2; exit 3; }',
-        "  sleep 1",
-        "done",
-        block.rstrip(),
-    ])
+    script = _serve_then(blocks, log, [block.rstrip()])
     proc = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=_fresh_env(), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
