@@ -2,7 +2,7 @@
 # Device side: one rlkv train step at a realistic size (Llama-8B-R1 shape, dummy bf16 weights, colocated
 # on one GPU) against stock generation in the same call (benchmarks/train_study.py). Two calls:
 #   prepare here once:  bash ../shared/gpu/prepare.sh && bash ../shared/gpu/prepare_train.sh
-#   call 1: carry [".carry/train"], command: bash .carry/train/unpack_train.sh
+#   call 1: carry [".carry/train"], command: bash scripts/gpu/train_unpack_call.sh (also runs the fused CUDA tests)
 #   call 2 (within 30 s of call 1's reply): carry [".carry/sm90", ".carry/fi", ".carry/s", ".cache/rlkv-cuda"],
 #           command: BUDGET=560 bash scripts/gpu/train_call.sh [train_study.py args]
 # Result: $OUT/train.json (+ train.log). Default workload: 32 prompts x 4 samples x 256 in / 2048 new.
