@@ -80,6 +80,7 @@ def train(a: argparse.Namespace, prompts_file: str, out: str) -> dict[str, Any]:
         f"rollout.sampling.max_new_tokens={a.max_new_tokens}", f"rollout.max_model_len={a.max_model_len}",
         f"rollout.max_num_seqs={a.max_num_seqs}", f"rollout.sink={a.sink}", f"rollout.recent={a.recent}",
         f"learner.micro_batch_tokens={a.micro_batch_tokens}", f"learner.dtype={a.learner_dtype}",
+        f"learner.attention={a.learner_attention}",
         f"run.steps={a.steps}", "run.checkpoint_every=0", "data.shuffle_seed=0",
     ]
     if gpu:
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                                 ("--micro-batch-tokens", 8192, "learner token budget per micro-batch"),
                                 ("--steps", 1, "training steps to time")):
         p.add_argument(flag, type=int, default=default, help=text)
+    p.add_argument("--learner-attention", default="auto", choices=["auto", "batched", "flex"],
+                   help="the learner's gated attention (auto: flex on CUDA, batched on the CPU)")
     p.add_argument("--gpu-mem", type=float, default=0.45, help="vLLM's GPU share, colocated with the learner")
     p.add_argument("--stock-timeout", type=float, default=900, help="seconds for the stock generation child")
     p.add_argument("--train-timeout", type=float, default=1800, help="seconds for rlkv train")
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "study": "train-step", "device": device, "vllm": vllm.__version__,
         "date": datetime.date.today().isoformat(), "command": "python benchmarks/train_study.py " + " ".join(argv or sys.argv[1:]),
         "workload": {k: getattr(a, k) for k in ("model", "load_format", "prompts", "group", "input_len",
-                                                 "max_new_tokens", "sink", "recent", "micro_batch_tokens", "gpu_mem",
+                                                 "max_new_tokens", "sink", "recent", "micro_batch_tokens", "learner_attention", "gpu_mem",
                                                  "steps")},
         "stock": stock,
         "train": {"command": run["command"], "wall_s": run["wall_s"], "metrics": run["rows"]},
