@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.tiny:
         from tests.engine_utils import tiny_model_dir
 
-        a.model, a.load_format, a.dtype, a.learner_dtype = tiny_model_dir(), "auto", "float32", "float32"
+        # dummy weights as on the GPU (the learner's, exported to the rollout engines): the logged
+        # sampler-learner gap then checks that both sides run one model
+        a.model, a.dtype, a.learner_dtype = tiny_model_dir(), "float32", "float32"
         a.prompts, a.group, a.input_len, a.max_new_tokens = min(a.prompts, 4), min(a.group, 2), 24, 16
         a.max_model_len, a.max_num_seqs, a.sink, a.recent, a.micro_batch_tokens = 128, 16, 4, 8, 512
     a.engine_memory = ({"kv_cache_memory_bytes": 64 << 20, "enforce_eager": True} if a.tiny

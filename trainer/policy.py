@@ -14,6 +14,8 @@ only, in blocks (``LOGIT_BLOCK``), so a 7K-token rollout never materialises [T, 
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +95,21 @@ class GatedPolicy:
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
         return cls(model, **kwargs)
+
+    def export_weights(self, out_dir: str, source_dir: str) -> str:
+        """Write the model's weights (safetensors) with ``source_dir``'s config and tokenizer files into
+        ``out_dir``: a dummy-weights run's rollout engines load these, so the sampler and the learner
+        run one model (vLLM's own dummy initialiser draws different random weights)."""
+        import shutil
+
+        os.makedirs(out_dir, exist_ok=True)
+        self.model.save_pretrained(out_dir, safe_serialization=True)
+        for name in os.listdir(source_dir):  # config.json too: the saved one names our attention
+            src = os.path.join(source_dir, name)
+            if os.path.isfile(src) and not name.endswith((".safetensors", ".bin", ".pt")) \
+                    and not name.endswith(".index.json"):
+                shutil.copyfile(src, os.path.join(out_dir, name))
+        return out_dir
 
     @property
     def device(self) -> torch.device:

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -29,6 +30,7 @@ FORWARDED_ENV = ("LD_PRELOAD", "PYTHONPATH", "TOKENIZERS_PARALLELISM", "VLLM_CPU
                  "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TRITON_F32_DEFAULT", "RLKV_CUDA_CACHE")
 REFERENCE_FILE = "reference-answers.json"
 WORKERS_FILE = "workers.json"
+DUMMY_WEIGHTS = "dummy-weights"  # model.load_format dummy: the learner's random weights, for the rollout engines
 
 
 def stable_seed(*parts: Any) -> int:
@@ -85,6 +87,9 @@ class LearnerActor:
 
     def gates(self) -> list[list[float]]:
         return self.learner.gates()
+
+    def export_weights(self, out_dir: str, source_dir: str) -> str:
+        return self.learner.policy.export_weights(out_dir, source_dir)
 
     def step(self, samples: list[Any], rewards: list[float]) -> dict[str, Any]:
         return self.learner.step(samples, rewards)
@@ -185,11 +190,18 @@ class Run:
         strategies = self._placement(ray, device)
         learner = ray.remote(**learner_opts)(LearnerActor).options(scheduling_strategy=strategies[0]).remote(
             config_to_dict(cfg), cfg.model.path, device)
+        rollout_model, engine_kwargs = cfg.model.path, self._engine_kwargs()
+        if cfg.model.load_format == "dummy":
+            # the learner's random weights, written once for the rollout engines: one model on both sides
+            # (the out dir must be reachable from every worker, as it is for the workers' own files)
+            rollout_model = ray.get(learner.export_weights.remote(os.path.join(out, DUMMY_WEIGHTS), cfg.model.path),
+                                    timeout=t.startup_s)
+            engine_kwargs["load_format"] = "auto"
         pool = RolloutPool(
             r.num_workers,
-            dict(model=cfg.model.path, sink=r.sink, recent=r.recent, work_dir=os.path.join(out, "rollout"),
+            dict(model=rollout_model, sink=r.sink, recent=r.recent, work_dir=os.path.join(out, "rollout"),
                  model_id=cfg.model.model_id or os.path.basename(cfg.model.path.rstrip("/")),
-                 engine_kwargs=self._engine_kwargs()),
+                 engine_kwargs=engine_kwargs),
             actor_options=dict(num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker if device != "cpu" else 0,
                                runtime_env=self.runtime_env),
             timeout_s=t.rollout_s, start_timeout_s=t.startup_s, scheduling=strategies[1:])
@@ -312,6 +324,7 @@ class Run:
             if getattr(self, "placement_group", None) is not None:
                 ray.util.remove_placement_group(self.placement_group)
             ray.shutdown()
+            shutil.rmtree(os.path.join(out, DUMMY_WEIGHTS), ignore_errors=True)  # a model's size of scratch
 
     def _placement(self, ray: Any, device: str) -> list[Any]:
         """One placement group for the run's actors, the learner first (bundle 0) then each rollout
