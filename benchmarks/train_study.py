@@ -87,6 +87,8 @@ def train(a: argparse.Namespace, prompts_file: str, out: str) -> dict[str, Any]:
         sets += ["rollout.colocate=true", "rollout.num_gpus_per_worker=0.5", "learner.num_gpus=0.5", "learner.device=cuda",
                  f"rollout.gpu_memory_utilization={a.gpu_mem}", "learner.gradient_checkpointing=true",
                  "ray.num_gpus=1", "rollout.enforce_eager=false"]
+        if a.sleep_level:
+            sets += ["rollout.sleep=true", f"rollout.sleep_level={a.sleep_level}"]
     cmd = [sys.executable, "-m", "rlkv_vllm.cli", "train", "--config", cfg, "--out", out]
     for s in sets:
         cmd += ["--set", s]
@@ -117,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(flag, type=int, default=default, help=text)
     p.add_argument("--learner-attention", default="auto", choices=["auto", "batched", "flex"],
                    help="the learner's gated attention (auto: flex on CUDA, batched on the CPU)")
+    p.add_argument("--sleep-level", type=int, default=0, choices=[0, 1, 2],
+                   help="rollout.sleep with this level (0: no sleep; GPU only)")
     p.add_argument("--gpu-mem", type=float, default=0.45, help="vLLM's GPU share, colocated with the learner")
     p.add_argument("--stock-timeout", type=float, default=900, help="seconds for the stock generation child")
     p.add_argument("--train-timeout", type=float, default=1800, help="seconds for rlkv train")
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     run = train(a, prompts_file, os.path.join(work, "run"))
     last = run["rows"][-1]
     num = lambda k: float(last[k])  # noqa: E731
-    step_s = num("rollout_s") + num("reward_s") + num("learn_s") + num("gate_push_s")
+    step_s = sum(num(k) for k in ("rollout_s", "reward_s", "learn_s", "gate_push_s", "sleep_s", "wake_s"))
     try:
         import torch
 
@@ -153,13 +157,14 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(), "command": "python benchmarks/train_study.py " + " ".join(argv or sys.argv[1:]),
         "workload": {k: getattr(a, k) for k in ("model", "load_format", "prompts", "group", "input_len",
                                                  "max_new_tokens", "sink", "recent", "micro_batch_tokens", "learner_attention", "gpu_mem",
-                                                 "steps")},
+                                                 "sleep_level", "steps")},
         "stock": stock,
         "train": {"command": run["command"], "wall_s": run["wall_s"], "metrics": run["rows"]},
         "summary": {
             "gated_rollout_tok_s": num("rollout_tok_s"), "stock_generate_tok_s": stock["tok_s"],
             "gated_vs_stock": num("rollout_tok_s") / stock["tok_s"], "learner_s_per_step": num("learn_s"),
             "learner_peak_gib": num("learner_peak_gib"), "gate_push_s": num("gate_push_s"),
+            "sleep_s": num("sleep_s"), "wake_s": num("wake_s"),
             "step_s": step_s, "recipe_steps": RECIPE_STEPS, "recipe_hours": step_s * RECIPE_STEPS / 3600,
         },
     }

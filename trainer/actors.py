@@ -27,10 +27,10 @@ class RolloutWorker:
     """The object each rollout actor holds (constructed again by Ray after a restart)."""
 
     def __init__(self, index: int, model: str, sink: int, recent: int, work_dir: str, model_id: str,
-                 engine_kwargs: dict[str, Any]) -> None:
+                 engine_kwargs: dict[str, Any], sleep_level: int = 0) -> None:
         self.index = index
         self.engine = RolloutEngine(model, sink=sink, recent=recent, work_dir=os.path.join(work_dir, f"w{index}"),
-                                    model_id=model_id, engine_kwargs=engine_kwargs)
+                                    model_id=model_id, engine_kwargs=engine_kwargs, sleep_level=sleep_level)
 
     def info(self) -> tuple[int, int]:
         """(pid, gate version held)."""
@@ -38,6 +38,12 @@ class RolloutWorker:
 
     def set_gates(self, rows: list[list[float]], version: int) -> float:
         return self.engine.set_gates(rows, version)
+
+    def sleep(self) -> float:
+        return self.engine.sleep()
+
+    def wake_up(self) -> float:
+        return self.engine.wake_up()
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec, n: int, max_tokens: int,
                  seeds: list[int], prompt_offset: int) -> list[Sample]:
@@ -159,6 +165,20 @@ class RolloutPool:
                 self._resync(index)
                 ref = again()
         raise AssertionError("unreachable")
+
+    def sleep(self) -> float:
+        """Every worker's engine releases its GPU memory (vLLM sleep mode); returns the slowest's seconds."""
+        return self._all("sleep", lambda w: w.sleep.remote())
+
+    def wake_up(self) -> float:
+        """Every worker's engine takes its memory back; returns the slowest's seconds. The caller pushes
+        the gates next (a level-2 sleep dropped them; a worker restarted meanwhile starts awake)."""
+        return self._all("wake_up", lambda w: w.wake_up.remote())
+
+    def _all(self, what: str, call: Any) -> float:
+        refs = [call(w) for w in self.workers]
+        return max([float(self._call_with_restart(i, ref, what, lambda i=i: call(self.workers[i])))
+                    for i, ref in enumerate(refs)], default=0.0)
 
     def submit(self, prompts: list[list[int]], spec: SamplingSpec, *, n: int, max_tokens: int,
                seeds: list[int]) -> "PendingRollout":

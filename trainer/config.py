@@ -130,8 +130,9 @@ class RolloutConfig:
     enforce_eager: null: eager on CPU, CUDA graphs on GPU.
     sink, recent: the training window of the streaming branch (the learner uses the same).
     colocate: rollout workers and the learner share GPUs (fractional num_gpus).
-    sleep, sleep_level: put vLLM to sleep while the learner trains (colocated only);
-        level 1 offloads the weights to CPU and drops the KV cache, level 2 drops both.
+    sleep, sleep_level: put vLLM to sleep while the learner trains (colocated, synchronous, CUDA only);
+        level 1 offloads the weights to host memory and drops the KV cache, level 2 drops both and reloads
+        the weights from the model path at wake-up. The gates are pushed after every wake.
     """
 
     num_workers: int = knob(1, POSITIVE_INT)
@@ -365,6 +366,10 @@ def _check_cross(c: TrainConfig) -> None:
     if c.rollout.sleep and not c.rollout.colocate:
         raise config_error("rollout.sleep", True,
                            "sleeping frees GPU memory for a colocated learner; set rollout.colocate = true")
+    if c.rollout.sleep and c.run.staleness > 0:
+        raise config_error("rollout.sleep", True,
+                           f"a sleeping engine cannot roll out while the learner trains, and run.staleness = "
+                           f"{c.run.staleness} overlaps the two; set run.staleness = 0 (synchronous)")
     if c.rollout.colocate and c.rollout.num_gpus_per_worker + c.learner.num_gpus > 1:
         raise config_error("rollout.colocate", True,
                            f"colocated actors share one GPU: rollout.num_gpus_per_worker + learner.num_gpus = "

@@ -12,6 +12,7 @@ attention-backend flag and the plugin's worker-extension RPCs.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +58,7 @@ class RolloutEngine:
     """
 
     def __init__(self, model: str, *, sink: int, recent: int, work_dir: str, model_id: str = "",
-                 engine_kwargs: dict[str, Any] | None = None) -> None:
+                 engine_kwargs: dict[str, Any] | None = None, sleep_level: int = 0) -> None:
         from vllm import LLM
 
         from transformers import AutoConfig
@@ -73,6 +74,10 @@ class RolloutEngine:
         rlkv = {"heads": start, "mode": "gated", "sink": sink, "recent": recent}
         kwargs = dict(engine_kwargs or {})
         kwargs.setdefault("enable_prefix_caching", False)
+        if sleep_level:
+            kwargs["enable_sleep_mode"] = True  # vLLM's CuMem pools: weights and KV cache can be released
+        self.sleep_level = sleep_level
+        self.sleeping = False
         self.llm = LLM(model=model, attention_backend=ATTENTION_BACKEND, additional_config={"rlkv": rlkv},
                        logprobs_mode="processed_logprobs", **kwargs)
         self.gate_version = 0
@@ -107,6 +112,40 @@ class RolloutEngine:
                 samples.append(Sample(prompt_index=i, prompt=list(prompts[i]), completion=ids, logprobs=lps,
                                       finish_reason=str(c.finish_reason), gate_version=self.gate_version))
         return samples
+
+    def sleep(self) -> float:
+        """Release the engine's GPU memory for the learner's phase (vLLM sleep mode); returns seconds.
+
+        Level 1 offloads the weights to host memory and drops the KV cache (rings included: no request
+        outlives a rollout); level 2 drops the weights too, and ``wake_up`` reloads them from the model path.
+        The gate buffer is dropped with them at level 2; the run pushes the gates after every wake.
+        """
+        if not self.sleep_level:
+            raise RuntimeError("this rollout engine was built without sleep mode (sleep_level 0)")
+        if self.sleeping:
+            return 0.0
+        t0 = time.perf_counter()
+        self.llm.sleep(level=self.sleep_level)
+        self.sleeping = True
+        return time.perf_counter() - t0
+
+    def wake_up(self) -> float:
+        """Reallocate what ``sleep`` released (and reload the weights after level 2); returns seconds.
+        A no-op on an awake engine (a worker restarted while the run slept starts awake)."""
+        if not self.sleeping:
+            return 0.0
+        t0 = time.perf_counter()
+        if self.sleep_level == 2:
+            # weights first, reloaded from disk into the same addresses, then the KV cache: never both
+            # at once, as vLLM's RLHF examples do, so the peak stays the engine's own
+            self.llm.wake_up(tags=["weights"])
+            self.llm.collective_rpc("reload_weights")
+            self.llm.wake_up(tags=["kv_cache"])
+        else:
+            self.llm.wake_up()
+        self.sleeping = False
+        self.gate_version = -1 if self.sleep_level == 2 else self.gate_version  # the gates must be pushed again
+        return time.perf_counter() - t0
 
     def shutdown(self) -> None:
         engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)

@@ -105,9 +105,9 @@ class Run:
     """One ``rlkv train`` run (see the module docstring)."""
 
     def __init__(self, cfg: TrainConfig, out_dir: str, *, resume: bool = False) -> None:
-        if cfg.rollout.sleep:
-            raise TrainConfigError("train.rollout.sleep = true is not allowed yet: vLLM sleep/wake between the "
-                                   "rollout and learner phases is not built; use false")
+        if cfg.rollout.sleep and _device(cfg) == "cpu":
+            raise TrainConfigError("train.rollout.sleep = true is not allowed: vLLM's sleep mode needs a CUDA GPU "
+                                   "and this run rolls out on the CPU; use false")
         if cfg.learner.attention == "flex" and _device(cfg) == "cpu":
             raise TrainConfigError("train.learner.attention = 'flex' is not allowed: FlexAttention runs on CUDA and "
                                    "learner.device = 'auto' found none; use 'batched' or 'auto'")
@@ -201,7 +201,7 @@ class Run:
             r.num_workers,
             dict(model=rollout_model, sink=r.sink, recent=r.recent, work_dir=os.path.join(out, "rollout"),
                  model_id=cfg.model.model_id or os.path.basename(cfg.model.path.rstrip("/")),
-                 engine_kwargs=engine_kwargs),
+                 engine_kwargs=engine_kwargs, sleep_level=r.sleep_level if r.sleep else 0),
             actor_options=dict(num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker if device != "cpu" else 0,
                                runtime_env=self.runtime_env),
             timeout_s=t.rollout_s, start_timeout_s=t.startup_s, scheduling=strategies[1:])
@@ -268,8 +268,12 @@ class Run:
                 reward_s = time.perf_counter() - t1
                 per_prompt = [iter(rw) for rw in result.rewards]
                 raw = [float(next(per_prompt[smp.prompt_index])) for smp in samples]
+                # sleep mode (colocated, synchronous): the engines release their GPU memory while the
+                # learner trains and take it back before the gates are pushed
+                sleep_s = pool.sleep() if r.sleep else 0.0
                 stats = ray.get(learner.step.remote(samples, raw), timeout=t.learn_s)
                 gates = ray.get(learner.gates.remote(), timeout=t.learn_s)
+                wake_s = pool.wake_up() if r.sleep else 0.0
                 if k:
                     pool.push_async(gates, version=step)
                     push_s = 0.0  # it settles behind the next rollout: its time is the rollout's
@@ -289,7 +293,7 @@ class Run:
                     "ratio_max": stats.get("ratio_max", 0.0), "response_tokens": tokens,
                     "rollout_s": rollout_s, "rollout_tok_s": tokens / max(rollout_s, 1e-9), "reward_s": reward_s,
                     "learn_s": stats["learn_s"], "learner_peak_gib": stats.get("peak_memory_gib", 0.0),
-                    "gate_push_s": push_s, "gate_version": step,
+                    "gate_push_s": push_s, "sleep_s": sleep_s, "wake_s": wake_s, "gate_version": step,
                     # learner version that trained these samples minus the version they were sampled with
                     "staleness": max(step - 1 - smp.gate_version for smp in samples) if samples else 0,
                     "gates_checksum": checksum, "worker_restarts": pool.restarts,

@@ -248,6 +248,9 @@ CROSS = [
      "train.objective.advantage = 'group' is not allowed: a group baseline needs rollout.sampling.group_size >= 2"),
     (["rollout.colocate=true", "rollout.num_gpus_per_worker=1", "learner.num_gpus=0.5"],
      "train.rollout.colocate = True is not allowed: colocated actors share one GPU"),
+    (["rollout.sleep=true", "rollout.colocate=true", "run.staleness=1"],
+     "train.rollout.sleep = True is not allowed: a sleeping engine cannot roll out while the learner trains, and "
+     "run.staleness = 1 overlaps the two; set run.staleness = 0 (synchronous)"),
 ]
 
 

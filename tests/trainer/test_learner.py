@@ -196,12 +196,18 @@ def test_flex_learner_step_equals_batched(tiny_model, monkeypatch):
     assert abs(stats[0]["grad_norm"] - stats[1]["grad_norm"]) < 1e-9 * max(1.0, stats[0]["grad_norm"])
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
-def test_flex_on_an_auto_cpu_device_is_refused(tmp_path):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusals are for a machine without CUDA")
+@pytest.mark.parametrize("overrides, message", [
+    (["learner.device=auto", "learner.attention=flex"],
+     r"^train.learner.attention = 'flex' is not allowed: FlexAttention runs on CUDA and learner.device = 'auto' "
+     r"found none"),
+    (["rollout.sleep=true", "rollout.colocate=true"],
+     r"^train.rollout.sleep = true is not allowed: vLLM's sleep mode needs a CUDA GPU and this run rolls out on "
+     r"the CPU; use false$"),
+], ids=["flex", "sleep"])
+def test_cuda_only_options_on_a_cpu_run_are_refused(overrides, message, tmp_path):
     from rlkv_trainer.config import CONFIG_DIR, TrainConfigError, load_config
     from rlkv_trainer.run import Run
 
-    cfg = load_config(f"{CONFIG_DIR}/tiny.yaml", ["learner.device=auto", "learner.attention=flex"])
-    with pytest.raises(TrainConfigError, match=r"^train.learner.attention = 'flex' is not allowed: FlexAttention "
-                                               r"runs on CUDA and learner.device = 'auto' found none"):
-        Run(cfg, str(tmp_path))
+    with pytest.raises(TrainConfigError, match=message):
+        Run(load_config(f"{CONFIG_DIR}/tiny.yaml", overrides), str(tmp_path))
