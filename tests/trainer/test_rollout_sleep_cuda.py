@@ -30,8 +30,13 @@ def _sample(engine, prompts, alpha):
 
 
 @pytest.mark.parametrize("level", [0, 1, 2], ids=["never-sleeps", "level1", "level2"])
-def test_sleep_wake_samples_what_an_awake_engine_samples(level, tiny_model, tmp_path):
+def test_sleep_wake_samples_what_an_awake_engine_samples(level, tiny_model, tmp_path, monkeypatch):
     from tests.engine_utils import mixed_prompts, random_gates
+
+    # the engine core in its own process, as in a run (one engine per Ray actor): vLLM's CuMem allocator
+    # serves one sleep-mode engine per process
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # this process has touched CUDA already
 
     prompts = mixed_prompts(4, seed=5, max_len=40)
     before, after = random_gates(4, 4, seed=31), random_gates(4, 4, seed=32)
