@@ -47,7 +47,7 @@ import planted_task as task  # noqa: E402 - the sibling script
 CONFIG = os.path.join(HERE, "planted_heads.yaml")
 PROMPTS = os.path.join(HERE, "fixtures", "planted-prompts.jsonl")
 RESULTS_DIR = os.path.join(HERE, "results")
-DATE = "2026-12-02"
+DATE = "2026-12-03"
 TRAIN_PROMPTS, TRAIN_SEED = 512, 1
 EVAL_PROMPTS, EVAL_SEED = 1000, 2
 CRITICAL_DROP = 0.10
@@ -428,7 +428,8 @@ def fixture_info(path: str) -> dict[str, Any]:
     return {"path": os.path.relpath(path, ROOT), "bytes": size, "layers": cfg["num_hidden_layers"],
             "kv_heads": cfg["num_key_value_heads"], "q_heads": cfg["num_attention_heads"], "head_dim": cfg["head_dim"],
             "stages": [{"train_spec": st["train_spec"], "init": st["init"], "train_s": st["train_s"],
-                        "log_last": st["log"][-1]} for st in spec["stages"]]}
+                        "log_last": st["log"][-1]} for st in spec["stages"]],
+            "commands": spec.get("commands", [])}
 
 
 def main() -> None:

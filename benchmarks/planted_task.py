@@ -162,6 +162,9 @@ class TrainSpec:
     p_all_full: share of batches in which every head is full (a dense model must work too).
     p_other_full: in the other batches, each non-planted head is full with this probability, so no
         non-planted head can be relied on for the long-range lookup but all learn to live with a full cache.
+    p_planted_full: in the other batches, each planted head of another range is full with this probability,
+        so the model also works with several planted heads full and the non-planted ones streaming (the
+        learned pattern's configuration); 0 draws nothing (the stages trained before it existed).
     """
 
     layers: int = 4
@@ -172,6 +175,7 @@ class TrainSpec:
     planted: tuple[tuple[int, int], ...] = ((1, 2), (2, 1), (3, 3))
     p_all_full: float = 0.05
     p_other_full: float = 0.1
+    p_planted_full: float = 0.0
     steps: int = 1200
     batch: int = 64
     min_words: int = 40  # each batch draws its length from [min_words, task.words]
@@ -204,22 +208,29 @@ def encode_batch(tok: Any, examples: list[Example]) -> tuple[Any, Any]:
 
 def mask_schedule(spec: TrainSpec, rng: random.Random) -> Iterator[tuple[int, list[list[float]]]]:
     """Per batch, the number range g and the 0/1 gate of every (layer, KV head): range g's planted head 1,
-    the other planted heads 0, the rest full with probability p_other_full (all full in p_all_full)."""
+    the other planted heads full with probability p_planted_full, the rest with probability p_other_full (all
+    full in p_all_full)."""
     planted = list(spec.planted)
+
+    def full(l: int, h: int) -> bool:
+        if (l, h) in planted:  # another range's planted head: no draw at p_planted_full 0, as before it existed
+            return spec.p_planted_full > 0 and rng.random() < spec.p_planted_full
+        return rng.random() < spec.p_other_full
+
     while True:
         g = rng.randrange(len(planted))
         all_full = rng.random() < spec.p_all_full
-        yield g, [[1.0 if (l, h) == planted[g] or all_full
-                   or ((l, h) not in planted and rng.random() < spec.p_other_full) else 0.0
+        yield g, [[1.0 if (l, h) == planted[g] or all_full or full(l, h) else 0.0
                    for h in range(spec.kv_heads)] for l in range(spec.layers)]
 
 
 def train_fixture(out_dir: str = FIXTURE_DIR, spec: TrainSpec = TrainSpec(), log_every: int = 250,
-                  init: str | None = None) -> dict[str, Any]:
+                  init: str | None = None, command: str | None = None) -> dict[str, Any]:
     """Train the model on the task with the planted masks and write the fixture folder; returns the log.
 
     init: a fixture folder to continue from (a later stage: its weights, a fresh optimiser and schedule);
-    the stages so far are kept in planted_spec.json.
+    the stages so far are kept in planted_spec.json, and ``command`` (the stage's command line) is appended
+    to its "commands".
     """
     import torch
     from transformers import LlamaForCausalLM
@@ -228,12 +239,13 @@ def train_fixture(out_dir: str = FIXTURE_DIR, spec: TrainSpec = TrainSpec(), log
 
     torch.manual_seed(spec.seed)
     rng = random.Random(spec.seed)
-    stages: list[dict[str, Any]] = []
+    record: dict[str, Any] = {"stages": [], "commands": []}
     if init is not None:
         model = LlamaForCausalLM.from_pretrained(init, dtype=torch.float32)
-        stages = json.load(open(os.path.join(init, "planted_spec.json")))["stages"]
+        record = {"commands": [], **json.load(open(os.path.join(init, "planted_spec.json")))}
     else:
         model = LlamaForCausalLM(model_config(spec)).float()
+    stages = record["stages"]
     tok = build_tokenizer(out_dir)
     gates = torch.ones(spec.layers, spec.kv_heads)
     install_oracle(model, alpha=gates, sink=spec.task.sink, recent=spec.task.recent)
@@ -267,8 +279,10 @@ def train_fixture(out_dir: str = FIXTURE_DIR, spec: TrainSpec = TrainSpec(), log
         json.dump({"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}, f)
     stages.append({"train_spec": asdict(spec), "init": None if init is None else os.path.basename(init.rstrip("/")),
                    "log": log, "train_s": round(time.perf_counter() - t0, 1)})
+    if command is not None:
+        record["commands"].append(command)
     with open(os.path.join(out_dir, "planted_spec.json"), "w") as f:
-        json.dump({"stages": stages}, f, indent=1)
+        json.dump(record, f, indent=1)
     return {"log": log}
 
 
@@ -280,13 +294,19 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=TrainSpec.lr, help="peak learning rate (default %(default)s)")
     p.add_argument("--p-all-full", type=float, default=TrainSpec.p_all_full, help="(default %(default)s)")
     p.add_argument("--p-other-full", type=float, default=TrainSpec.p_other_full, help="(default %(default)s)")
+    p.add_argument("--p-planted-full", type=float, default=TrainSpec.p_planted_full, help="(default %(default)s)")
     p.add_argument("--init", default=None, help="continue from this fixture folder (a later stage)")
     a = p.parse_args()
+    import shlex
+    import sys
+
     import torch
 
     torch.set_num_threads(1)  # two threads on a shared 2-core machine run ~20x slower (OpenMP spinning)
     train_fixture(a.out, TrainSpec(steps=a.steps, seed=a.seed, lr=a.lr, p_all_full=a.p_all_full,
-                                       p_other_full=a.p_other_full), init=a.init)
+                                       p_other_full=a.p_other_full, p_planted_full=a.p_planted_full), init=a.init,
+                  command=shlex.join(["python", os.path.relpath(os.path.abspath(__file__), os.path.dirname(HERE)),
+                                      *sys.argv[1:]]))
 
 
 if __name__ == "__main__":
