@@ -55,6 +55,11 @@ class RLKVSettings:
         max_num_seqs cap vLLM's running requests at the slot count; the rest wait.
     slot_tokens: the request length "auto" sizes the ring for: "auto" (max_model_len / 4) or
         a number of tokens, at most max_model_len.
+    permute_heads: serve mode: reorder each layer's KV heads (with their query heads) once
+        after weight loading, full heads first, by permuting the fused QKV projection's rows
+        and o_proj's input columns, so the full heads are a contiguous slice (no per-step
+        gather/scatter). Gated mode never reorders. Gates, patterns, metrics and logs keep
+        the model's head numbering (``core.head_order``).
     """
 
     heads: str | None = None
@@ -69,6 +74,7 @@ class RLKVSettings:
     decode_kernel: str = "auto"
     ring_slots: int | str = "auto"
     slot_tokens: int | str = "auto"
+    permute_heads: bool = False
 
     @property
     def window(self) -> int:
@@ -106,6 +112,8 @@ SETTING_MEANINGS: dict[str, str] = {
                   "capped at it, the rest wait",
     "slot_tokens": "the request length `auto` ring slots are sized for: `auto` (max_model_len / 4) or tokens "
                    "<= max_model_len",
+    "permute_heads": "serve mode: reorder each layer's heads once at weight load, full heads first (QKV rows, "
+                     "o_proj columns), so no step gathers or scatters them; `false` keeps the gather path",
 }
 
 
@@ -145,6 +153,12 @@ def _as_auto_int(name: str, value: Any, allowed: str) -> int | str:
         return _as_int(name, value)
     except RLKVConfigError:
         raise config_error(name, value, f'must be "auto" or a positive integer ({allowed})') from None
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise config_error(name, value, "must be true or false")
+    return value
 
 
 def _as_sparsity(value: Any) -> float:
@@ -221,6 +235,7 @@ def parse_settings(raw: Any, base_dir: str | None = None) -> RLKVSettings:
     recent = _as_int("recent", raw.get("recent", 64))
     ring_slots = _as_auto_int("ring_slots", raw.get("ring_slots", "auto"), "at most max_num_seqs")
     slot_tokens = _as_auto_int("slot_tokens", raw.get("slot_tokens", "auto"), "at most max_model_len")
+    permute_heads = _as_bool("permute_heads", raw.get("permute_heads", False))
 
     full_heads = None
     if "full_heads" in raw:
@@ -264,6 +279,7 @@ def parse_settings(raw: Any, base_dir: str | None = None) -> RLKVSettings:
         decode_kernel=decode_kernel,
         ring_slots=ring_slots,
         slot_tokens=slot_tokens,
+        permute_heads=permute_heads,
     )
 
 

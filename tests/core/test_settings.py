@@ -58,6 +58,8 @@ def test_relative_path_resolved(tmp_path, pattern):
         ({"ring_slots": "many"}, "ring_slots", '"auto" or a positive integer (at most max_num_seqs)'),
         ({"slot_tokens": -1}, "slot_tokens", '"auto" or a positive integer (at most max_model_len)'),
         ({"slot_tokens": 1.5}, "slot_tokens", '"auto" or a positive integer (at most max_model_len)'),
+        ({"permute_heads": "yes"}, "permute_heads", "must be true or false"),
+        ({"permute_heads": 1}, "permute_heads", "must be true or false"),
     ],
 )
 def test_bad_values(pattern, raw, field, hint):
@@ -73,6 +75,12 @@ def test_ring_slots_and_slot_tokens(pattern):
     s = parse_settings({"heads": pattern, "ring_slots": "12", "slot_tokens": 512.0})
     assert (s.ring_slots, s.slot_tokens) == (12, 512)
     assert parse_settings(s.to_dict()) == s  # written back to the workers as it is
+
+
+def test_permute_heads(pattern):
+    assert parse_settings({"heads": pattern}).permute_heads is False
+    s = parse_settings({"heads": pattern, "permute_heads": True})
+    assert s.permute_heads is True and parse_settings(s.to_dict()) == s
 
 
 def test_missing_pattern_file(tmp_path):
@@ -103,7 +111,8 @@ def test_settings_table_covers_every_key():
     defaults = {k: d for k, d, _ in table}
     assert defaults == {"heads": "required", "sparsity": "0.5", "sink": "16", "recent": "64", "selection": "global",
                         "mode": "serve", "full_heads": "none", "kernel": "auto", "full_kernel": "auto",
-                        "decode_kernel": "auto", "ring_slots": "auto", "slot_tokens": "auto"}
+                        "decode_kernel": "auto", "ring_slots": "auto", "slot_tokens": "auto",
+                        "permute_heads": "false"}
     assert all(meaning and "\n" not in meaning for _, _, meaning in table)
 
 
