@@ -18,6 +18,13 @@ What moves between releases and how it is handled:
 - stock attention classes: the platform backends subclass them; they are imported here,
   by backend name, and the stock impl's constructor arguments are read from its signature
   (their order and set change between releases).
+- head permutation (``rlkv.permute_heads``): ``process_weights_after_loading`` in
+  ``model_loader.utils`` (and its name imported into ``base_loader``, which calls it after
+  ``load_weights``) is wrapped: before vLLM post-processes the weights (CPU pre-packs its
+  GEMM weights there and drops the originals; quantization repacks), each permuted layer's
+  fused QKV rows and o_proj columns are reordered in place. vLLM 0.26.0 has the same seam
+  (``base_loader.BaseModelLoader.load_model`` -> ``utils.process_weights_after_loading``,
+  imported by name; checked in the 0.26.0 wheel).
 - logs: the plugin logs through a child of vLLM's logger; on CPU the platform's
   misleading "Cannot use CUSTOM backend on CPU" line is replaced by what really runs.
 """
@@ -484,6 +491,107 @@ def _patch_get_kv_cache_spec() -> None:
     Attention.get_kv_cache_spec = get_kv_cache_spec
 
 
+# ------------------------------------------------------- head permutation
+_permute_refusals: set[str] = set()
+
+
+def _unquantized(linear: Any) -> bool:
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    return isinstance(getattr(linear, "quant_method", None), UnquantizedLinearMethod)
+
+
+def _permute_problem(module: Any, attn_name: str, attn: Any, order: list[int]) -> str | None:
+    """Why a layer's heads cannot be permuted in place (None: they can)."""
+    qkv, o = getattr(module, "qkv_proj", None), getattr(module, "o_proj", None)
+    if qkv is None or o is None:
+        return "no fused qkv_proj / o_proj"
+    if not (_unquantized(qkv) and _unquantized(o)):
+        return "quantized projection weights"
+    impl = attn.impl
+    hq, hkv, d = impl.num_heads, impl.num_kv_heads, impl.head_size
+    if (getattr(qkv, "num_heads", None), getattr(qkv, "num_kv_heads", None)) != (hq, hkv) or \
+            getattr(qkv, "head_size", None) != d or getattr(qkv, "v_head_size", d) != d:
+        return "qkv_proj's heads differ from the attention layer's"
+    if getattr(qkv, "num_kv_head_replicas", 1) != 1:
+        return "KV heads replicated across tensor-parallel ranks"
+    w, ow = getattr(qkv, "weight", None), getattr(o, "weight", None)
+    if w is None or ow is None or w.ndim != 2 or ow.ndim != 2 or w.shape[0] != (hq + 2 * hkv) * d or \
+            ow.shape[1] != hq * d:
+        return "projection weights not of the [(Hq + 2 Hkv) * D, hidden] / [hidden, Hq * D] layout"
+    if getattr(attn, "sinks", None) is not None or getattr(impl, "sinks", None) is not None:
+        return "per-head attention sinks"
+    for name, p in module.named_parameters():
+        if name.startswith(("qkv_proj.", "o_proj.", attn_name + ".", "rotary_emb.")):
+            continue
+        if p.numel() != d:  # a head_dim-sized norm (q_norm / k_norm) is shared by every head
+            return f"per-head parameter {name} {tuple(p.shape)}"
+    return None
+
+
+def permute_attention_heads(model: Any) -> int:
+    """Reorder, in place, every attention layer whose impl asks for it (``rlkv_head_order``):
+    fused QKV rows and bias, o_proj input columns (``core.head_order``); then tell the impl.
+    A layer where it is unsafe keeps the model's order (and the gather path), logged once per
+    reason. Returns the layers permuted. Runs on freshly loaded, unprocessed weights."""
+    import torch
+
+    from .core.head_order import is_identity, o_col_order, qkv_row_order
+
+    Attention = attention_layer_cls()
+    done = 0
+    for mod_name, module in model.named_modules():
+        for attn_name, attn in module.named_children():
+            if not isinstance(attn, Attention):
+                continue
+            want = getattr(attn.impl, "rlkv_head_order", None)
+            order = want(attn) if want is not None else None
+            if order is None:
+                continue
+            if not is_identity(order):  # the full heads already a prefix: nothing to move
+                problem = _permute_problem(module, attn_name, attn, order)
+                if problem is not None:
+                    if problem not in _permute_refusals:
+                        _permute_refusals.add(problem)
+                        plugin_logger().warning(
+                            "RLKV permute_heads: %s keeps the model's head order (gathered per step): %s",
+                            mod_name or "<root>", problem)
+                    continue
+                impl = attn.impl
+                hq, hkv, d = impl.num_heads, impl.num_kv_heads, impl.head_size
+                qkv, o = module.qkv_proj, module.o_proj
+                with torch.no_grad():
+                    rows = torch.tensor(qkv_row_order(order, hq, hkv, d), device=qkv.weight.device)
+                    qkv.weight.copy_(qkv.weight.index_select(0, rows))
+                    if getattr(qkv, "bias", None) is not None:
+                        qkv.bias.copy_(qkv.bias.index_select(0, rows.to(qkv.bias.device)))
+                    cols = torch.tensor(o_col_order(order, hq // hkv, d), device=o.weight.device)
+                    o.weight.copy_(o.weight.index_select(1, cols))
+            attn.impl.rlkv_heads_permuted(attn)
+            done += 1
+    return done
+
+
+def _patch_weight_loading() -> None:
+    from vllm.model_executor.model_loader import base_loader, utils
+
+    orig = utils.process_weights_after_loading
+    if getattr(orig, "_rlkv_wrapped", False):
+        return
+
+    @functools.wraps(orig)
+    def process_weights_after_loading(model, model_config, target_device):  # type: ignore[no-untyped-def]
+        # before vLLM's own post-processing: the raw [N, K] weights are still there. Each load
+        # (a reload included) brings the model's order, so each is permuted once, here
+        permute_attention_heads(model)
+        return orig(model, model_config, target_device)
+
+    process_weights_after_loading._rlkv_wrapped = True  # type: ignore[attr-defined]
+    utils.process_weights_after_loading = process_weights_after_loading
+    if getattr(base_loader, "process_weights_after_loading", None) is orig:
+        base_loader.process_weights_after_loading = process_weights_after_loading
+
+
 # -------------------------------------------------------------- runner hooks
 class RunnerHooks:
     """Per process: the active V1 model runner and its step events.
@@ -645,6 +753,7 @@ def install(on_config: Callable[[Any], None], before: Callable[[Any], None]) -> 
             return
         register_backends()
         _patch_get_kv_cache_spec()
+        _patch_weight_loading()
         _patch_runner()
         _patch_engine_args(on_config, before)
         _patch_collective_rpc()

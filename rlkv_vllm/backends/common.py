@@ -113,7 +113,8 @@ class RLKVImplMixin:
         rt = self.rlkv_runtime
         idx = compat.extract_layer_index(layer.layer_name)
         group = self.num_heads // self.num_kv_heads
-        self._split: HeadSplit = head_split(rt.plan.layers[idx], self.num_kv_heads, group, rt.serve, rt.device)
+        self._split: HeadSplit = head_split(rt.plan.layers[idx], self.num_kv_heads, group, rt.serve, rt.device,
+                                            permuted=self._rlkv_permuted)
         self._pool: StreamingPool = rt.pool
         slots = self._split.paged_slots
         self._inner = self._make_inner_impl(slots * group, slots) if self._split.n_full else None
@@ -121,6 +122,29 @@ class RLKVImplMixin:
         self._ring_k, self._ring_v = ring.k[idx], ring.v[idx]
         self._pools: tuple[Any, LayerPools] | None = None
         self._rlkv_layer = idx
+
+    # ------------------------------------------------------- head permutation
+    _rlkv_permuted: bool = False
+
+    def rlkv_head_order(self, layer: Any) -> list[int] | None:
+        """Serve mode with ``rlkv.permute_heads``: this layer's KV-head order on this rank,
+        full heads first (``core.head_order.head_order`` of its local mask row); None: the
+        layer keeps the model's order (RLKV off, gated mode, the setting off)."""
+        rt = self.rlkv_runtime
+        if rt is None or not rt.serve or not rt.settings.permute_heads:
+            return None
+        heads = rt.plan.layers[compat.extract_layer_index(layer.layer_name)]
+        return list(heads.full) + list(heads.stream)
+
+    def rlkv_heads_permuted(self, layer: Any) -> None:
+        """The weight hook (``compat``) put this layer's heads in ``rlkv_head_order``: its full
+        heads are now a contiguous prefix, served by slices instead of gathers."""
+        self._rlkv_permuted = True
+        if self._rlkv_layer is not None:  # bound before the hook: rebuild the split
+            rt = self.rlkv_runtime
+            self._split = head_split(rt.plan.layers[self._rlkv_layer], self.num_kv_heads, self._split.group,
+                                     rt.serve, rt.device, permuted=True)
+            self._pools = None
 
     def rlkv_adjust_kv_spec(self, layer: Any, spec: Any) -> Any:
         """Called through the compat wrapper of Attention.get_kv_cache_spec."""
@@ -204,7 +228,10 @@ class RLKVImplMixin:
             return
         of = torch.empty_like(full.q)
         self._inner.forward(layer, full.q, full.k, full.v, kv_cache, md.full, of)
-        out[:, split.full_q] = of[:, : split.n_full * split.group]
+        if split.contiguous:  # full heads first: a slice
+            out[:, : split.n_full * split.group] = of[:, : split.n_full * split.group]
+        else:
+            out[:, split.full_q] = of[:, : split.n_full * split.group]
 
     def _gated(self, layer, q, k, v, kv_cache, md: RLKVMetadata, pools: LayerPools, out) -> None:  # type: ignore[no-untyped-def]
         """alpha * full + (1 - alpha) * streaming, per KV head, mixed in float32."""

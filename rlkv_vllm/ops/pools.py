@@ -38,6 +38,9 @@ class HeadSplit:
     paged cache holds (n_full plus tensor-parallel padding); paged_src: [paged_slots] int32,
     the KV head stored in each paged slot (-1: padding); ring_src: [R] int32, the KV head of
     each ring head (serve: the streaming heads; gated: every head).
+    contiguous: the layer's heads were permuted at weight load (``rlkv.permute_heads``), so
+    its full heads are the first n_full (queries: n_full * group) and its streaming heads the
+    rest: gathers and scatters become slices. Every index here is then a physical position.
     """
 
     num_kv_heads: int
@@ -49,6 +52,7 @@ class HeadSplit:
     stream_q: torch.Tensor
     paged_src: torch.Tensor
     ring_src: torch.Tensor
+    contiguous: bool = False
 
     @property
     def n_full(self) -> int:
@@ -69,9 +73,16 @@ class HeadSplit:
 
 
 def head_split(layer: LayerHeads, num_kv_heads: int, group: int, serve: bool,
-               device: torch.device) -> HeadSplit:
-    """The device index tensors of one layer's split (gated mode: every head full and ringed)."""
-    if serve:
+               device: torch.device, permuted: bool = False) -> HeadSplit:
+    """The device index tensors of one layer's split (gated mode: every head full and ringed).
+
+    permuted (serve mode): the layer's weights put its heads full-first (``core.head_order``):
+    the split is over physical positions, full heads 0 .. n_full - 1."""
+    permuted = permuted and serve
+    if permuted:
+        nf = layer.n_full
+        full, stream, slots = tuple(range(nf)), tuple(range(nf, nf + layer.n_stream)), layer.paged_slots
+    elif serve:
         full, stream, slots = layer.full, layer.stream, layer.paged_slots
     else:
         full, stream, slots = tuple(range(num_kv_heads)), (), num_kv_heads
@@ -86,6 +97,7 @@ def head_split(layer: LayerHeads, num_kv_heads: int, group: int, serve: bool,
         stream_kv=torch.tensor(stream, dtype=torch.long, device=device), stream_q=q_of(stream),
         paged_src=torch.tensor(list(full) + [-1] * pad, dtype=torch.int32, device=device),
         ring_src=torch.tensor(stream if serve else full, dtype=torch.int32, device=device),
+        contiguous=permuted,
     )
 
 
@@ -94,7 +106,12 @@ def gather_heads(x: torch.Tensor, idx: torch.Tensor, split: HeadSplit) -> torch.
     queries, 1 for keys/values)."""
     if split.all_full:
         return x
-    y = x.index_select(1, idx)
+    if split.contiguous:
+        # full heads first: a view (row stride unchanged, as vLLM's q/k/v split views have)
+        per = x.shape[1] // split.num_kv_heads
+        y = x[:, : split.n_full * per]
+    else:
+        y = x.index_select(1, idx)
     if split.pad:
         per = x.shape[1] // split.num_kv_heads
         y = torch.cat([y, y.new_zeros(y.shape[0], split.pad * per, *y.shape[2:])], dim=1)
@@ -148,12 +165,20 @@ class TorchPool(StreamingPool):
     def serve(self, split, q, k, v, out, rows, pools, step_plan, scale):  # type: ignore[no-untyped-def]
         if split.n_stream:
             t, g, d = q.shape[0], split.group, q.shape[-1]
-            qs = q.index_select(1, split.stream_q).view(t, split.n_stream, g, d)
-            ks, vs = k.index_select(1, split.stream_kv), v.index_select(1, split.stream_kv)
+            if split.contiguous:  # streaming heads last: slices
+                nf = split.n_full
+                qs = q[:, nf * g:].reshape(t, split.n_stream, g, d)
+                ks, vs = k[:, nf:], v[:, nf:]
+            else:
+                qs = q.index_select(1, split.stream_q).view(t, split.n_stream, g, d)
+                ks, vs = k.index_select(1, split.stream_kv), v.index_select(1, split.stream_kv)
             o = torch.empty(t, split.n_stream, g, d, dtype=out.dtype, device=out.device)
             ring_stream_attention(qs, ks, vs, pools.ring_k, pools.ring_v, step_plan, scale, o)
             ring_write(pools.ring_k, pools.ring_v, ks, vs, step_plan)
-            out[:, split.stream_q] = o.view(t, split.n_stream * g, d)
+            if split.contiguous:
+                out[:, split.n_full * g:] = o.view(t, split.n_stream * g, d)
+            else:
+                out[:, split.stream_q] = o.view(t, split.n_stream * g, d)
         if not split.n_full:
             return None
         return FullHeadInputs(gather_heads(q, split.full_q, split), gather_heads(k, split.full_kv, split),
