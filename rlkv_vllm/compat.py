@@ -581,8 +581,10 @@ def _patch_weight_loading() -> None:
 
     @functools.wraps(orig)
     def process_weights_after_loading(model, model_config, target_device):  # type: ignore[no-untyped-def]
-        # before vLLM's own post-processing: the raw [N, K] weights are still there. Each load
-        # (a reload included) brings the model's order, so each is permuted once, here
+        # before vLLM's own post-processing: the raw [N, K] weights are still there. Each full
+        # load brings the model's order, so each is permuted once, here. 0.32's in-place
+        # reload_weights (layerwise) does not pass through this function: not handled (serve
+        # mode only; gated engines, the ones the trainer reloads, never reorder)
         permute_attention_heads(model)
         return orig(model, model_config, target_device)
 
