@@ -585,7 +585,10 @@ def _patch_weight_loading() -> None:
         # load brings the model's order, so each is permuted once, here. 0.32's in-place
         # reload_weights (layerwise) does not pass through this function: not handled (serve
         # mode only; gated engines, the ones the trainer reloads, never reorder)
-        permute_attention_heads(model)
+        permuted = permute_attention_heads(model)
+        if permuted:
+            plugin_logger().info("RLKV permute_heads: %d attention layers serve their full heads as a contiguous "
+                                 "prefix (weights reordered at load)", permuted)
         return orig(model, model_config, target_device)
 
     process_weights_after_loading._rlkv_wrapped = True  # type: ignore[attr-defined]
