@@ -7,6 +7,7 @@ Pure Python: imports neither vLLM nor torch, so a bad argument is refused in mil
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import re
@@ -54,33 +55,47 @@ class EngineConfig:
 
     backend: a vLLM backend name (FLASH_ATTN, TRITON_ATTN, CPU_ATTN, ...) or None for
         vLLM's own choice. CPU_ATTN is passed as None: vLLM's CPU platform ignores it.
+    kv_cache_dtype: vLLM's ``kv_cache_dtype`` (``+fp8``, ``+fp8_e4m3``, ``+fp8_e5m2``); None:
+        vLLM's default ("auto", the model dtype).
+    permute_heads: ``rlkv.permute_heads`` (``+permute`` / ``+gather``, rlkv configs only);
+        None: the setting's default.
     """
 
     kind: Literal["stock", "rlkv", "gated"]
     backend: str | None = None
     sparsity: float | None = None
+    kv_cache_dtype: str | None = None
+    permute_heads: bool | None = None
 
     @property
     def name(self) -> str:
         if self.kind == "rlkv":
-            return f"rlkv:{self.sparsity:g}"
-        if self.kind == "gated":
-            return "gated"
-        return f"stock:{self.backend}" if self.backend else "stock"
+            base = f"rlkv:{self.sparsity:g}"
+        elif self.kind == "gated":
+            base = "gated"
+        else:
+            base = f"stock:{self.backend}" if self.backend else "stock"
+        opts = [self.kv_cache_dtype] if self.kv_cache_dtype else []
+        if self.permute_heads is not None:
+            opts.append("permute" if self.permute_heads else "gather")
+        return "+".join([base, *opts])
 
     def identity(self) -> dict[str, Any]:
         """The fields every result row starts with, measured or not."""
-        return dict(config=self.name, kind=self.kind, backend=self.backend, sparsity=self.sparsity)
+        return dict(config=self.name, kind=self.kind, backend=self.backend, sparsity=self.sparsity,
+                    kv_cache_dtype=self.kv_cache_dtype or "auto", permute_heads=self.permute_heads)
 
 
 _BACKEND_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+KV_DTYPE_OPTIONS = ("fp8", "fp8_e4m3", "fp8_e5m2")
+HEAD_ORDER_OPTIONS = {"permute": True, "gather": False}
 CONFIG_HELP = ("stock, stock:BACKEND (e.g. stock:FLASH_ATTN, stock:CPU_ATTN), rlkv:S with S in [0, 1), "
-               "or gated (RLKV's gated rollout mode)")
+               "or gated (RLKV's gated rollout mode), each optionally followed by +fp8 / +fp8_e4m3 / "
+               "+fp8_e5m2 (KV-cache dtype) and, for rlkv:S, +permute / +gather (rlkv.permute_heads)")
 
 
-def parse_config(text: str) -> EngineConfig:
-    """Parse ``stock``, ``stock:BACKEND``, ``rlkv:S`` or ``gated``; a bad string raises a one-line BenchError."""
-    kind, sep, arg = text.strip().partition(":")
+def _parse_base(text: str, base: str) -> EngineConfig:
+    kind, sep, arg = base.strip().partition(":")
     if kind == "gated":
         if sep:
             raise bench_error("configs", text, f"gated takes no argument; use {CONFIG_HELP}")
@@ -100,6 +115,29 @@ def parse_config(text: str) -> EngineConfig:
             raise bench_error("configs", text, f"the sparsity must be a number in [0, 1); use {CONFIG_HELP}")
         return EngineConfig("rlkv", sparsity=s)
     raise bench_error("configs", text, f"use {CONFIG_HELP}")
+
+
+def parse_config(text: str) -> EngineConfig:
+    """Parse ``stock``, ``stock:BACKEND``, ``rlkv:S`` or ``gated``, then ``+OPTION``s; a bad
+    string raises a one-line BenchError."""
+    base, *opts = text.strip().split("+")
+    cfg = _parse_base(text, base)
+    kv: str | None = None
+    order: bool | None = None
+    for o in opts:
+        if o in KV_DTYPE_OPTIONS:
+            if kv is not None:
+                raise bench_error("configs", text, "give one KV-cache dtype option")
+            kv = o
+        elif o in HEAD_ORDER_OPTIONS:
+            if cfg.kind != "rlkv":
+                raise bench_error("configs", text, "+permute / +gather apply to rlkv:S configs only")
+            if order is not None:
+                raise bench_error("configs", text, "give one of +permute / +gather")
+            order = HEAD_ORDER_OPTIONS[o]
+        else:
+            raise bench_error("configs", text, f"unknown option {o!r}; use {CONFIG_HELP}")
+    return dataclasses.replace(cfg, kv_cache_dtype=kv, permute_heads=order)
 
 
 def parse_configs(texts: list[str]) -> list[EngineConfig]:

@@ -52,12 +52,16 @@ def engine_kwargs(s: BenchSettings, cfg: EngineConfig) -> dict[str, Any]:
         kw["kv_cache_memory_bytes"] = s.kv_bytes
     if s.block_size:
         kw["block_size"] = s.block_size
+    if cfg.kv_cache_dtype:
+        kw["kv_cache_dtype"] = cfg.kv_cache_dtype
     if cfg.kind in ("rlkv", "gated"):
         if not s.pattern:
             raise bench_error("pattern", s.pattern, "rlkv configs need a head pattern file")
         kw["attention_backend"] = "rlkv"
         rlkv: dict[str, Any] = {"heads": s.pattern}
         rlkv.update({"sparsity": cfg.sparsity} if cfg.kind == "rlkv" else {"mode": "gated"})
+        if cfg.permute_heads is not None:
+            rlkv["permute_heads"] = cfg.permute_heads
         kw["additional_config"] = {"rlkv": rlkv}
     elif cfg.backend and cfg.backend != "CPU_ATTN":
         kw["attention_backend"] = cfg.backend

@@ -26,39 +26,54 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _kv_dtype(r: dict[str, Any]) -> str:
+    return r.get("kv_cache_dtype") or "auto"
+
+
+def _row_ratios(r: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """One config's figures divided by ``base``'s."""
+    bt = base.get("throughput") or base.get("steady") or {}
+    bcells = {(c["batch"], c["context"]): c for c in base.get("latency") or []}
+    row: dict[str, Any] = {"config": r["config"],
+                           "capacity": _ratio(r.get("capacity_tokens"), base.get("capacity_tokens"))}
+    t = r.get("throughput") or r.get("steady")
+    if t is not None:
+        row["output_tok_s"] = _ratio(t.get("output_tok_s"), bt.get("output_tok_s"))
+        row["total_tok_s"] = _ratio(t.get("total_tok_s"), bt.get("total_tok_s"))
+        row["tpot_mean"] = _ratio(t.get("tpot_mean_s"), bt.get("tpot_mean_s"))
+        row["tpot_p90"] = _ratio(t.get("tpot_p90_s"), bt.get("tpot_p90_s"))
+        row["mean_running"] = _ratio(t.get("mean_running"), bt.get("mean_running"))
+        if "steady" in r:  # the step against stock's at its own running count
+            row["step_mean"] = _ratio(t.get("step_mean_s"), bt.get("step_mean_s"))
+            row["decode_step_mean"] = _ratio(t.get("decode_step_mean_s"), bt.get("decode_step_mean_s"))
+    if r.get("latency") is not None:
+        row["tpot"] = [
+            dict(batch=c["batch"], context=c["context"],
+                 **{k: _ratio(c.get(k + "_s"), bcells.get((c["batch"], c["context"]), {}).get(k + "_s"))
+                    for k in ("tpot_mean", "decode_step_mean")})
+            for c in r["latency"] if c.get("status") in ("ok", "truncated")]
+    return row
+
+
 def compute_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Each config's output tok/s, TPOT and capacity divided by the first stock config's.
 
     TPOT ratio < 1 means faster decoding than stock. Latency studies get one TPOT ratio
-    per (batch, context) cell.
+    per (batch, context) cell. A config whose KV-cache dtype differs from the base's (e.g.
+    RLKV+FP8 against stock BF16) also gets ``same_kv``: the same ratios against the first
+    stock config of its own KV-cache dtype (stock FP8), where one was measured.
     """
     base = _base(results)
     if base is None:
         return {"base": None, "note": "no stock config with figures: nothing to divide by", "rows": []}
+    measured = [r for r in results if r.get("status") in ("ok", "truncated")]
     rows = []
-    bt = base.get("throughput") or base.get("steady") or {}
-    bcells = {(c["batch"], c["context"]): c for c in base.get("latency") or []}
-    for r in results:
-        if r.get("status") not in ("ok", "truncated"):
-            continue
-        row: dict[str, Any] = {"config": r["config"],
-                               "capacity": _ratio(r.get("capacity_tokens"), base.get("capacity_tokens"))}
-        t = r.get("throughput") or r.get("steady")
-        if t is not None:
-            row["output_tok_s"] = _ratio(t.get("output_tok_s"), bt.get("output_tok_s"))
-            row["total_tok_s"] = _ratio(t.get("total_tok_s"), bt.get("total_tok_s"))
-            row["tpot_mean"] = _ratio(t.get("tpot_mean_s"), bt.get("tpot_mean_s"))
-            row["tpot_p90"] = _ratio(t.get("tpot_p90_s"), bt.get("tpot_p90_s"))
-            row["mean_running"] = _ratio(t.get("mean_running"), bt.get("mean_running"))
-            if "steady" in r:  # the step against stock's at its own running count
-                row["step_mean"] = _ratio(t.get("step_mean_s"), bt.get("step_mean_s"))
-                row["decode_step_mean"] = _ratio(t.get("decode_step_mean_s"), bt.get("decode_step_mean_s"))
-        if r.get("latency") is not None:
-            row["tpot"] = [
-                dict(batch=c["batch"], context=c["context"],
-                     **{k: _ratio(c.get(k + "_s"), bcells.get((c["batch"], c["context"]), {}).get(k + "_s"))
-                        for k in ("tpot_mean", "decode_step_mean")})
-                for c in r["latency"] if c.get("status") in ("ok", "truncated")]
+    for r in measured:
+        row = _row_ratios(r, base)
+        if _kv_dtype(r) != _kv_dtype(base):
+            same = _base([x for x in measured if _kv_dtype(x) == _kv_dtype(r)])
+            if same is not None:
+                row["same_kv"] = {"base": same["config"], **_row_ratios(r, same)}
         rows.append(row)
     return {"base": base["config"], "rows": rows}
 

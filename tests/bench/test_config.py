@@ -68,3 +68,26 @@ def test_cli_bad_argument_is_one_line(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit):
         main(["bench", "--max-num-seqs", "0"])
     assert "--max-num-seqs: '0' is not allowed: must be a positive integer" in capsys.readouterr().err
+
+
+def test_config_options() -> None:
+    c = parse_config("rlkv:0.5+fp8+permute")
+    assert (c.kind, c.sparsity, c.kv_cache_dtype, c.permute_heads) == ("rlkv", 0.5, "fp8", True)
+    assert c.name == "rlkv:0.5+fp8+permute" and parse_config("rlkv:0.50+permute+fp8").name == c.name
+    assert parse_config("rlkv:0.5+gather").permute_heads is False
+    assert parse_config("stock:FLASH_ATTN+fp8_e4m3").identity()["kv_cache_dtype"] == "fp8_e4m3"
+    assert parse_config("stock").identity()["kv_cache_dtype"] == "auto"
+    # a dtype option makes another config: the two may be measured in one study
+    assert [x.name for x in parse_configs(["stock", "stock+fp8"])] == ["stock", "stock+fp8"]
+
+
+@pytest.mark.parametrize("text, rule", [
+    ("rlkv:0.5+fp4", "unknown option 'fp4'"), ("stock+permute", "rlkv:S configs only"),
+    ("rlkv:0.5+fp8+fp8_e5m2", "one KV-cache dtype"), ("rlkv:0.5+permute+gather", "one of +permute"),
+    ("gated+gather", "rlkv:S configs only"), ("rlkv:0.5+", "unknown option ''"),
+])
+def test_config_option_errors_are_one_line(text: str, rule: str) -> None:
+    with pytest.raises(BenchError) as e:
+        parse_config(text)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"bench.configs = {text!r} is not allowed:") and rule in msg

@@ -21,6 +21,10 @@ def test_engine_kwargs() -> None:
     kw = engine_kwargs(s, parse_config("gated"))
     assert kw["attention_backend"] == "rlkv"
     assert kw["additional_config"] == {"rlkv": {"heads": "p.tsv", "mode": "gated"}}
+    kw = engine_kwargs(s, parse_config("rlkv:0.5+fp8+permute"))
+    assert kw["kv_cache_dtype"] == "fp8" and kw["additional_config"]["rlkv"]["permute_heads"] is True
+    assert engine_kwargs(s, parse_config("rlkv:0.5+gather"))["additional_config"]["rlkv"]["permute_heads"] is False
+    assert "kv_cache_dtype" not in engine_kwargs(s, parse_config("stock"))
     s.gpu_mem = 0.9
     assert engine_kwargs(s, EngineConfig("stock"))["gpu_memory_utilization"] == 0.9
 

@@ -26,6 +26,19 @@ def test_ratios_against_first_stock() -> None:
     assert compute_ratios([result_row("rlkv:0.5", 1, 1, 1)])["base"] is None
 
 
+def test_ratios_against_stock_of_the_same_kv_dtype() -> None:
+    rows = [result_row("stock:FLASH_ATTN", 100.0, 0.01, 1000), result_row("stock:FLASH_ATTN+fp8", 150.0, 0.01, 2000),
+            result_row("rlkv:0.5+fp8", 450.0, 0.01, 8000), result_row("rlkv:0.5", 200.0, 0.01, 2000)]
+    by = {q["config"]: q for q in compute_ratios(rows)["rows"]}
+    assert by["rlkv:0.5+fp8"]["output_tok_s"] == pytest.approx(4.5)  # against stock BF16
+    assert by["rlkv:0.5+fp8"]["same_kv"]["base"] == "stock:FLASH_ATTN+fp8"
+    assert by["rlkv:0.5+fp8"]["same_kv"]["output_tok_s"] == pytest.approx(3.0)  # against stock FP8
+    assert by["rlkv:0.5+fp8"]["same_kv"]["capacity"] == pytest.approx(4.0)
+    assert "same_kv" not in by["rlkv:0.5"]
+    # no stock config of that dtype: no same_kv row
+    assert "same_kv" not in {q["config"]: q for q in compute_ratios(rows[:1] + rows[2:])["rows"]}["rlkv:0.5+fp8"]
+
+
 def test_latency_ratios_per_cell() -> None:
     def lat(name: str, tpots: dict[tuple[int, int], float]) -> dict[str, Any]:
         cells = [dict(batch=b, context=c, tpot_mean_s=t, decode_step_mean_s=t / 2, status="ok")
