@@ -83,7 +83,25 @@ def format_table(study: dict[str, Any]) -> str:
         lines.extend(_latency_block(study, ratios, "tpot_mean"))
         lines.append("decode-only step ms (steps in which every request decoded: no prefill chunk); vs stock")
         lines.extend(_latency_block(study, ratios, "decode_step_mean"))
+    lines.extend(_same_kv_lines(study))
     return "\n".join(lines)
+
+
+def _same_kv_lines(study: dict[str, Any]) -> list[str]:
+    """Configs whose KV-cache dtype differs from the base's (RLKV+FP8 vs stock BF16), also against
+    stock of their own KV dtype (RLKV+FP8 vs stock FP8): one line each."""
+    out = []
+    for q in study["ratios"]["rows"]:
+        same = q.get("same_kv")
+        if not same:
+            continue
+        parts = [f"{label} {_fx(same.get(key))}" for key, label in (
+            ("output_tok_s", "tok/s"), ("mean_running", "running"), ("tpot_mean", "TPOT"), ("capacity", "capacity"))
+            if same.get(key) is not None]
+        for c in same.get("tpot") or []:
+            parts.append(f"b{c['batch']} c{c['context']} TPOT {_fx(c.get('tpot_mean'))}")
+        out.append(f"{q['config']} vs {same['base']} (same KV dtype): {', '.join(parts) or '-'}")
+    return out
 
 
 def _latency_block(study: dict[str, Any], ratios: dict[str, Any], key: str) -> list[str]:

@@ -72,7 +72,7 @@ def compute_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
         row = _row_ratios(r, base)
         if _kv_dtype(r) != _kv_dtype(base):
             same = _base([x for x in measured if _kv_dtype(x) == _kv_dtype(r)])
-            if same is not None:
+            if same is not None and same is not r:  # stock FP8 itself: its own base
                 row["same_kv"] = {"base": same["config"], **_row_ratios(r, same)}
         rows.append(row)
     return {"base": base["config"], "rows": rows}

@@ -34,3 +34,13 @@ def test_progress_lines() -> None:
     assert format_finished(done) == "ok in 61 s: 1,234.6 out tok/s, mean running 20.3, TPOT 15.00 ms"
     assert format_finished(dict(status="timeout", wall_s=300.0)) == "timeout in 300 s"
     assert format_duration(42.4) == "42 s" and format_duration(125) == "2 min 05 s"
+
+
+def test_table_states_ratios_against_stock_of_the_same_kv_dtype() -> None:
+    s = BenchSettings(model="m", kv_bytes=1 << 20)
+    rows = [result_row("stock:FLASH_ATTN", 100.0, 0.01, 1000), result_row("stock:FLASH_ATTN+fp8", 150.0, 0.01, 2000),
+            result_row("rlkv:0.5+fp8", 450.0, 0.01, 8000)]
+    table = format_table(build_study(s, rows, "cmd", {}))
+    assert "4.50x" in table  # RLKV+FP8 against stock BF16, in the table
+    line = [x for x in table.splitlines() if "(same KV dtype)" in x]
+    assert line == ["rlkv:0.5+fp8 vs stock:FLASH_ATTN+fp8 (same KV dtype): tok/s 3.00x, running 3.00x, TPOT 1.00x, capacity 4.00x"]
