@@ -2,6 +2,7 @@
 """Plot a study JSON from benchmarks/results/ into a PNG next to it.
 
   python benchmarks/plot_study.py benchmarks/results/engine-...json    # engine_study.py (throughput)
+  python benchmarks/plot_study.py benchmarks/results/steady-...json    # engine_study.py --steady
   python benchmarks/plot_study.py benchmarks/results/latency-...json   # engine_study.py --latency
   python benchmarks/plot_study.py benchmarks/results/kernel-...json    # kernel_study.py
   python benchmarks/plot_study.py --grid --out SWEEP.png engine-A.json engine-B.json ...
@@ -43,35 +44,62 @@ def _ok(r: dict[str, Any]) -> bool:
     return r.get("status") in ("ok", "truncated")
 
 
-def plot_engine(d: dict[str, Any]) -> Figure:
-    """Four bar panels; each bar's label is its value over the first stock config's."""
-    rows = [r for r in d["results"] if _ok(r)]
+def _bar_panels(d: dict[str, Any], rows: list[dict[str, Any]],
+                panels: list[tuple[str, list[float], str]], title: str) -> Figure:
+    """One bar panel per metric, one bar per config; each bar labelled with its ratio (key) to
+    the first stock config."""
     ratios = {q["config"]: q for q in d["ratios"]["rows"]}
     names = [r["config"] for r in rows]
     colors = ["tab:gray" if r["kind"] == "stock" else "tab:blue" for r in rows]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.2), squeeze=False)
+    for ax, (label, vals, key) in zip(axes[0], panels):
+        bars = ax.bar(range(len(vals)), vals, color=colors)
+        ax.set_xticks(range(len(vals)), names, rotation=30, ha="right")
+        ax.set_title(label)
+        for b, n in zip(bars, names):
+            x = ratios.get(n, {}).get(key) if key else None
+            if x is not None:
+                ax.annotate(f"{x:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                            va="bottom", fontsize=8)
+    fig.suptitle(_title(d, title), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _budget(s: dict[str, Any]) -> str:
+    return f"gpu_mem {s['gpu_mem']:g}" if s.get("gpu_mem") else f"KV budget {s['kv_bytes'] / 2**30:g} GiB"
+
+
+def plot_engine(d: dict[str, Any]) -> Figure:
+    """Four bar panels; each bar's label is its value over the first stock config's."""
+    rows = [r for r in d["results"] if _ok(r)]
     panels = [
         ("output tok/s", [r["throughput"]["output_tok_s"] for r in rows], "output_tok_s"),
         ("TPOT mean (ms)", [(r["throughput"]["tpot_mean_s"] or 0) * 1e3 for r in rows], "tpot_mean"),
         ("KV capacity (tokens)", [r["capacity_tokens"] for r in rows], "capacity"),
         ("mean running requests", [r["throughput"]["mean_running"] or 0 for r in rows], "mean_running"),
     ]
-    fig, axes = plt.subplots(1, 4, figsize=(4 * 4, 4.2))
-    for ax, (label, vals, key) in zip(axes, panels):
-        bars = ax.bar(range(len(vals)), vals, color=colors)
-        ax.set_xticks(range(len(vals)), names, rotation=30, ha="right")
-        ax.set_title(label)
-        for b, n in zip(bars, names):
-            x = ratios.get(n, {}).get(key)
-            if x is not None:
-                ax.annotate(f"{x:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
-                            va="bottom", fontsize=8)
     s = d["settings"]
-    budget = f"gpu_mem {s['gpu_mem']:g}" if s.get("gpu_mem") else f"KV budget {s['kv_bytes'] / 2**30:g} GiB"
-    fig.suptitle(_title(d, f"engine study: {s['num_prompts']} x {s['input_len']} in / {s['output_len']} out, "
-                           f"{budget}, max_num_seqs {s['max_num_seqs']}; labels: vs {d['ratios']['base']}"),
-                 fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _bar_panels(d, rows, panels, f"engine study: {s['num_prompts']} x {s['input_len']} in / "
+                       f"{s['output_len']} out, {_budget(s)}, max_num_seqs {s['max_num_seqs']}; "
+                       f"labels: vs {d['ratios']['base']}")
+
+
+def plot_steady(d: dict[str, Any]) -> Figure:
+    """The steady-state window: output tok/s, mean running, mean step, KV capacity and
+    preemptions per config (labels: vs the first stock config)."""
+    rows = [r for r in d["results"] if _ok(r) and r.get("steady")]
+    panels = [
+        ("output tok/s (window)", [r["steady"]["output_tok_s"] for r in rows], "output_tok_s"),
+        ("mean running requests", [r["steady"]["mean_running"] or 0 for r in rows], "mean_running"),
+        ("mean step (ms)", [(r["steady"]["step_mean_s"] or 0) * 1e3 for r in rows], "step_mean"),
+        ("KV capacity (tokens)", [r["capacity_tokens"] for r in rows], "capacity"),
+        ("preemptions in the window", [r["steady"].get("preemptions") or 0 for r in rows], ""),
+    ]
+    s = d["settings"]
+    return _bar_panels(d, rows, panels, f"steady state: prompts {s['input_min']}-{s['input_max']}, outputs "
+                       f"{s['output_dist']}, {_budget(s)}, max_num_seqs {s['max_num_seqs']}, window "
+                       f"{s['window_s']:g} s after {s['warmup_s']:g} s; labels: vs {d['ratios']['base']}")
 
 
 def plot_latency(d: dict[str, Any]) -> Figure:
@@ -132,7 +160,7 @@ def plot_kernel(d: dict[str, Any]) -> Figure:
     return fig
 
 
-PLOTTERS = {"engine": plot_engine, "latency": plot_latency, "kernel": plot_kernel}
+PLOTTERS = {"engine": plot_engine, "steady": plot_steady, "latency": plot_latency, "kernel": plot_kernel}
 
 
 def plot_grid(studies: list[dict[str, Any]]) -> Figure:

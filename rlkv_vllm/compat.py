@@ -314,6 +314,12 @@ def model_dtype(vllm_config: Any) -> Any:
     return vllm_config.model_config.dtype
 
 
+def sleep_mode_enabled(vllm_config: Any) -> bool:
+    """``--enable-sleep-mode``: a level-2 wake reloads the weights (0.32 layer by layer, past the
+    head-permutation seam), so ``rlkv.permute_heads = auto`` keeps the model's order there."""
+    return bool(getattr(getattr(vllm_config, "model_config", None), "enable_sleep_mode", False))
+
+
 def max_num_seqs(vllm_config: Any) -> int:
     return int(vllm_config.scheduler_config.max_num_seqs)
 

@@ -65,10 +65,22 @@ class RLKVRuntime:
         self.slot_buffer = torch.full((rows,), self.plan.num_slots, dtype=torch.int32, device=self.device)
         self.preemptions_seen = 0
         self.metrics.on_slots(self.slots)
+        if self.serve and self.settings.permute_heads == "auto" and not self.permute_heads:
+            logger.info("RLKV permute_heads auto: off, sleep mode is enabled (a level-2 wake reloads the weights "
+                        "in the model's head order); the full heads are gathered per step")
 
     @property
     def serve(self) -> bool:
         return self.plan.serve
+
+    @property
+    def permute_heads(self) -> bool:
+        """Serve mode reorders each layer's heads at weight load (``rlkv.permute_heads``; auto:
+        unless sleep mode may reload the weights in the model's order)."""
+        want = self.settings.permute_heads
+        if want == "auto":
+            return self.serve and not compat.sleep_mode_enabled(self.vllm_config)
+        return self.serve and bool(want)
 
     @property
     def kernel(self) -> str:

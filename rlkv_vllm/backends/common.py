@@ -127,11 +127,12 @@ class RLKVImplMixin:
     _rlkv_permuted: bool = False
 
     def rlkv_head_order(self, layer: Any) -> list[int] | None:
-        """Serve mode with ``rlkv.permute_heads``: this layer's KV-head order on this rank,
-        full heads first (``core.head_order.head_order`` of its local mask row); None: the
-        layer keeps the model's order (RLKV off, gated mode, the setting off)."""
+        """Serve mode with ``rlkv.permute_heads`` (``runtime.permute_heads``): this layer's KV-head
+        order on this rank, full heads first (``core.head_order.head_order`` of its local mask
+        row); None: the layer keeps the model's order (RLKV off, gated mode, the setting off,
+        auto with sleep mode)."""
         rt = self.rlkv_runtime
-        if rt is None or not rt.serve or not rt.settings.permute_heads:
+        if rt is None or not rt.permute_heads:
             return None
         heads = rt.plan.layers[compat.extract_layer_index(layer.layer_name)]
         return list(heads.full) + list(heads.stream)

@@ -58,7 +58,9 @@ class RLKVSettings:
     permute_heads: serve mode: reorder each layer's KV heads (with their query heads) once
         after weight loading, full heads first, by permuting the fused QKV projection's rows
         and o_proj's input columns, so the full heads are a contiguous slice (no per-step
-        gather/scatter). Gated mode never reorders. Gates, patterns, metrics and logs keep
+        gather/scatter). "auto" (the default): on, unless the engine has sleep mode (its
+        level-2 wake reloads weights past the permutation seam); true / false force it.
+        Gated mode never reorders. Gates, patterns, metrics and logs keep
         the model's head numbering (``core.head_order``).
     """
 
@@ -74,7 +76,7 @@ class RLKVSettings:
     decode_kernel: str = "auto"
     ring_slots: int | str = "auto"
     slot_tokens: int | str = "auto"
-    permute_heads: bool = False
+    permute_heads: bool | str = "auto"
 
     @property
     def window(self) -> int:
@@ -113,7 +115,8 @@ SETTING_MEANINGS: dict[str, str] = {
     "slot_tokens": "the request length `auto` ring slots are sized for: `auto` (max_model_len / 4) or tokens "
                    "<= max_model_len",
     "permute_heads": "serve mode: reorder each layer's heads once at weight load, full heads first (QKV rows, "
-                     "o_proj columns), so no step gathers or scatters them; `false` keeps the gather path",
+                     "o_proj columns), so no step gathers or scatters them: `auto` (on unless sleep mode is "
+                     "enabled), `true`, or `false` (the gather path)",
 }
 
 
@@ -155,9 +158,9 @@ def _as_auto_int(name: str, value: Any, allowed: str) -> int | str:
         raise config_error(name, value, f'must be "auto" or a positive integer ({allowed})') from None
 
 
-def _as_bool(name: str, value: Any) -> bool:
+def _as_bool(name: str, value: Any, allowed: str = "must be true or false") -> bool:
     if not isinstance(value, bool):
-        raise config_error(name, value, "must be true or false")
+        raise config_error(name, value, allowed)
     return value
 
 
@@ -235,7 +238,9 @@ def parse_settings(raw: Any, base_dir: str | None = None) -> RLKVSettings:
     recent = _as_int("recent", raw.get("recent", 64))
     ring_slots = _as_auto_int("ring_slots", raw.get("ring_slots", "auto"), "at most max_num_seqs")
     slot_tokens = _as_auto_int("slot_tokens", raw.get("slot_tokens", "auto"), "at most max_model_len")
-    permute_heads = _as_bool("permute_heads", raw.get("permute_heads", False))
+    permute_heads = raw.get("permute_heads", "auto")
+    if permute_heads != "auto":
+        permute_heads = _as_bool("permute_heads", permute_heads, 'must be "auto", true or false')
 
     full_heads = None
     if "full_heads" in raw:

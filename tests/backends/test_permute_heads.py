@@ -1,7 +1,7 @@
 """rlkv.permute_heads on the CPU engine: each layer's heads reordered once at weight load,
 full heads first, with a pattern whose full heads are not a prefix (layer 0: its last KV
-head; layer 1: none; layer 2: all; layer 3: heads 1 and 3). On and off give the same greedy
-tokens as the oracle, and the same prompt logprobs."""
+head; layer 1: none; layer 2: all; layer 3: heads 1 and 3). Off and the default (auto: on,
+no sleep mode) give the same greedy tokens as the oracle, and the same prompt logprobs."""
 
 from __future__ import annotations
 
@@ -49,16 +49,38 @@ def test_permuted_heads_match_unpermuted_and_oracle(tiny_model, tmp_path):
     expected = [greedy_generate(ref, p, GEN) for p in prompts]
 
     runs, logprobs, layers = {}, {}, {}
-    for on in (False, True):
-        with engine(tiny_model, {**base, "permute_heads": on}, max_num_batched_tokens=32,
+    for on in (False, "auto"):
+        with engine(tiny_model, {**base} if on == "auto" else {**base, "permute_heads": on}, max_num_batched_tokens=32,
                     enable_chunked_prefill=True) as llm:
             runs[on] = greedy(llm, prompts, GEN)
             logprobs[on] = _prompt_logprobs(llm, prompts)
             layers[on] = llm.collective_rpc(_permuted_layers)[0]
     assert layers[False] == [(0, False, 1), (1, False, 0), (2, False, 4), (3, False, 2)]
-    assert layers[True] == [(0, True, 1), (1, True, 0), (2, True, 4), (3, True, 2)]
+    assert layers["auto"] == [(0, True, 1), (1, True, 0), (2, True, 4), (3, True, 2)]
     for on, outs in runs.items():
         for i, (got, want) in enumerate(zip(outs, expected)):
             assert first_mismatch(got, want) is None, f"permute_heads={on}: prompt {i} differs at {first_mismatch(got, want)}"
-    for a, b in zip(logprobs[False], logprobs[True]):
+    for a, b in zip(logprobs[False], logprobs["auto"]):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+
+
+def test_auto_is_off_with_sleep_mode_and_in_gated_mode():
+    """rlkv.permute_heads auto: on in serve mode, off with sleep mode (a level-2 wake reloads the
+    weights in the model's order) and in gated mode; true / false are obeyed in serve mode."""
+    from types import SimpleNamespace
+
+    from rlkv_vllm.runtime import RLKVRuntime
+
+    def runtime(value, serve=True, sleep=False):  # type: ignore[no-untyped-def]
+        rt = object.__new__(RLKVRuntime)
+        rt.settings = SimpleNamespace(permute_heads=value)
+        rt.plan = SimpleNamespace(serve=serve)
+        rt.vllm_config = SimpleNamespace(model_config=SimpleNamespace(enable_sleep_mode=sleep))
+        return rt
+
+    assert runtime("auto").permute_heads is True
+    assert runtime("auto", sleep=True).permute_heads is False
+    assert runtime("auto", serve=False).permute_heads is False
+    assert runtime(True, sleep=True).permute_heads is True
+    assert runtime(False).permute_heads is False
+    assert runtime(True, serve=False).permute_heads is False

@@ -58,8 +58,8 @@ def test_relative_path_resolved(tmp_path, pattern):
         ({"ring_slots": "many"}, "ring_slots", '"auto" or a positive integer (at most max_num_seqs)'),
         ({"slot_tokens": -1}, "slot_tokens", '"auto" or a positive integer (at most max_model_len)'),
         ({"slot_tokens": 1.5}, "slot_tokens", '"auto" or a positive integer (at most max_model_len)'),
-        ({"permute_heads": "yes"}, "permute_heads", "must be true or false"),
-        ({"permute_heads": 1}, "permute_heads", "must be true or false"),
+        ({"permute_heads": "yes"}, "permute_heads", 'must be "auto", true or false'),
+        ({"permute_heads": 1}, "permute_heads", 'must be "auto", true or false'),
     ],
 )
 def test_bad_values(pattern, raw, field, hint):
@@ -78,9 +78,10 @@ def test_ring_slots_and_slot_tokens(pattern):
 
 
 def test_permute_heads(pattern):
-    assert parse_settings({"heads": pattern}).permute_heads is False
-    s = parse_settings({"heads": pattern, "permute_heads": True})
-    assert s.permute_heads is True and parse_settings(s.to_dict()) == s
+    assert parse_settings({"heads": pattern}).permute_heads == "auto"
+    for value in (True, False, "auto"):
+        s = parse_settings({"heads": pattern, "permute_heads": value})
+        assert s.permute_heads == value and parse_settings(s.to_dict()) == s
 
 
 def test_missing_pattern_file(tmp_path):
@@ -112,7 +113,7 @@ def test_settings_table_covers_every_key():
     assert defaults == {"heads": "required", "sparsity": "0.5", "sink": "16", "recent": "64", "selection": "global",
                         "mode": "serve", "full_heads": "none", "kernel": "auto", "full_kernel": "auto",
                         "decode_kernel": "auto", "ring_slots": "auto", "slot_tokens": "auto",
-                        "permute_heads": "false"}
+                        "permute_heads": "auto"}
     assert all(meaning and "\n" not in meaning for _, _, meaning in table)
 
 
