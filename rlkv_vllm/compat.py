@@ -109,8 +109,12 @@ def model_runner_cls():
 
 
 def model_runner_name(llm: Any) -> str:
-    """Which model runner an in-process ``LLM`` runs: the runner's class and module (``v1`` or ``v2`` in its
-    path), read from the engine core's executor; the environment's choice when it is not reachable."""
+    """Which model runner an in-process ``LLM`` runs: ``"v1: <module>.<class>"`` or
+    ``"v2: <module>.<class>"`` (both runners live under ``vllm.v1.worker``: V1 in
+    ``gpu_model_runner`` / ``cpu_model_runner``, V2 in ``gpu/model_runner`` and the CPU V2
+    runner in ``cpu/model_runner``, which subclasses it), read from the engine core's executor;
+    the environment's choice when the runner is not reachable (an engine core in another
+    process)."""
     core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
     executor = getattr(core, "model_executor", None)
     worker = getattr(executor, "driver_worker", None)
@@ -118,9 +122,20 @@ def model_runner_name(llm: Any) -> str:
     runner = getattr(worker, "model_runner", None)
     if runner is not None:
         cls = type(runner)
-        return f"{cls.__module__}.{cls.__qualname__}"
+        return f"{'v2' if is_v2_runner(runner) else 'v1'}: {cls.__module__}.{cls.__qualname__}"
     env = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
     return f"unknown (VLLM_USE_V2_MODEL_RUNNER={env!r})"
+
+
+def model_runner_line(vllm_config: Any) -> str:
+    """The start-up line saying which model runner this engine's config picks and how RLKV
+    follows its requests."""
+    v2 = bool(getattr(vllm_config, "use_v2_model_runner", False))
+    if v2:
+        return ("RLKV model runner: V2 (ring slots follow the V2 runner's execute_model / prepare_inputs; "
+                f"VLLM_USE_V2_MODEL_RUNNER={os.environ.get('VLLM_USE_V2_MODEL_RUNNER')!r})")
+    return ("RLKV model runner: V1 (ring slots follow the V1 runner's _update_states; "
+            f"VLLM_USE_V2_MODEL_RUNNER={os.environ.get('VLLM_USE_V2_MODEL_RUNNER')!r})")
 
 
 def extract_layer_index(layer_name: str) -> int:
@@ -599,16 +614,21 @@ def _patch_weight_loading() -> None:
 
 # -------------------------------------------------------------- runner hooks
 class RunnerHooks:
-    """Per process: the active V1 model runner and its step events.
+    """Per process: the active model runner (V1 or V2) and its step events.
 
-    Listeners get ``on_step(runner, scheduler_output)`` before the runner updates
-    its batch; ``in_dummy_run`` is true while the runner runs a dummy/profiling batch.
+    Listeners get ``on_step(runner, scheduler_output)`` before the runner applies a real
+    step's scheduler output (V1: ``_update_states``; V2: ``execute_model`` before its
+    ``finish_requests``); ``in_dummy_run`` is true while the runner runs a dummy, profiling,
+    warm-up or CUDA-graph capture batch (those rows all use the scratch slot).
     """
 
     def __init__(self) -> None:
         self._runner: weakref.ReferenceType | None = None
         self.listeners: list[Callable[[Any, Any], None]] = []
         self.dummy_depth = 0
+        # V2: the request ids of the step's batch rows, from the InputBatch that the runner's
+        # prepare_inputs returned (None outside a real V2 step)
+        self.v2_req_ids: list[str] | None = None
 
     @property
     def runner(self) -> Any:
@@ -625,10 +645,73 @@ class RunnerHooks:
         if runner is None or self.in_dummy_run:
             return None
         # CUDA-graph batches pad rows past the real ones: callers give those the scratch slot
+        if is_v2_runner(runner):
+            ids = self.v2_req_ids
+            return None if ids is None else list(ids[:num_reqs])
         return list(runner.input_batch.req_ids[:num_reqs])
+
+    def request_alive(self) -> Callable[[str], bool] | None:
+        """Whether the runner still holds a request (V1: ``requests``; V2: ``req_states``), for
+        reclaiming the slot of a missed finish event; None where it cannot tell."""
+        runner = self.runner
+        if runner is None:
+            return None
+        if is_v2_runner(runner):
+            index = getattr(getattr(runner, "req_states", None), "req_id_to_index", None)
+            return None if index is None else (lambda rid: rid in index)
+        known = getattr(runner, "requests", None)
+        return None if known is None else (lambda rid: rid in known)
+
+    @contextlib.contextmanager
+    def dummy(self) -> Iterator[None]:
+        self.dummy_depth += 1
+        try:
+            yield
+        finally:
+            self.dummy_depth -= 1
 
 
 RUNNER_HOOKS = RunnerHooks()
+
+
+def v2_model_runner_cls() -> type | None:
+    """vLLM's V2 model runner (``v1/worker/gpu/model_runner.py``; the CPU V2 runner in
+    ``v1/worker/cpu/model_runner.py`` subclasses it); None where this build lacks it."""
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+    except Exception:  # noqa: BLE001 - absent or not importable here: V1 only
+        return None
+    return GPUModelRunner
+
+
+def is_v2_runner(runner: Any) -> bool:
+    cls = v2_model_runner_cls()
+    return cls is not None and isinstance(runner, cls)
+
+
+# the V2 runner's methods the hooks wrap, and the parameters they rely on (0.26.0, 0.32.0, 0.33.0)
+V2_RUNNER_METHODS = {"execute_model": ("scheduler_output", "dummy_run"), "prepare_inputs": ("scheduler_output",),
+                     "_dummy_run": (), "capture_model": ()}
+V2_HOOKED = False  # set once the V2 hooks are installed in this process
+
+
+def v2_hook_problem(cls: type | None = None) -> str | None:
+    """Why RLKV cannot track requests through this vLLM's V2 model runner (None: it can)."""
+    cls = v2_model_runner_cls() if cls is None else cls
+    if cls is None:
+        return "this vLLM has no V2 model runner (vllm.v1.worker.gpu.model_runner)"
+    for name, params in V2_RUNNER_METHODS.items():
+        fn = getattr(cls, name, None)
+        if fn is None:
+            return f"its V2 model runner has no {name}"
+        try:
+            have = inspect.signature(getattr(fn, "__wrapped__", fn)).parameters
+        except (TypeError, ValueError):
+            return f"the signature of its V2 model runner's {name} cannot be read"
+        missing = [p for p in params if p not in have]
+        if missing:
+            return f"its V2 model runner's {name} lacks {', '.join(missing)}"
+    return None
 
 
 def _patch_runner() -> None:
@@ -651,13 +734,99 @@ def _patch_runner() -> None:
 
     @functools.wraps(orig_dummy)
     def _dummy_run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        RUNNER_HOOKS.dummy_depth += 1
-        try:
+        with RUNNER_HOOKS.dummy():
             return orig_dummy(self, *args, **kwargs)
-        finally:
-            RUNNER_HOOKS.dummy_depth -= 1
 
     Runner._dummy_run = _dummy_run
+
+    global V2_HOOKED
+    V2 = v2_model_runner_cls()
+    if V2 is not None and v2_hook_problem(V2) is None:
+        patch_v2_runner(V2)
+        _patch_v2_warmup()
+        V2_HOOKED = True
+
+
+def _dummy_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(orig)
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        with RUNNER_HOOKS.dummy():
+            return orig(*args, **kwargs)
+
+    wrapper._rlkv_wrapped = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def patch_v2_runner(Runner: type) -> None:
+    """Wrap a V2 model runner class (idempotent). The V2 runner keeps each request at a stable
+    index of its ``req_states`` while it lives, but that index ranges over max_num_seqs (its
+    free list hands out the highest first), so with fewer ring slots it is not a slot id: the
+    slot manager is fed the same events as on V1 instead.
+
+    - ``execute_model(scheduler_output, ..., dummy_run=False)``: a real step first tells the
+      listeners (finished and preempted ids free their slots, before the runner's own
+      ``finish_requests`` and before this step's batch takes slots); ``dummy_run=True`` runs
+      in dummy mode.
+    - ``prepare_inputs`` returns the step's ``InputBatch``: its ``req_ids`` are the batch rows
+      in order (decode rows first), what the metadata builder maps to slots.
+    - ``_dummy_run`` and ``capture_model`` (the CUDA-graph capture builds its metadata from
+      ``InputBatch.make_dummy``, outside execute_model) run in dummy mode.
+    """
+    orig_exec = Runner.execute_model
+    if getattr(orig_exec, "_rlkv_wrapped", False):
+        return
+    dummy_pos = list(inspect.signature(orig_exec).parameters).index("dummy_run")
+
+    @functools.wraps(orig_exec)
+    def execute_model(self, scheduler_output, *args, **kwargs):  # type: ignore[no-untyped-def]
+        dummy = kwargs.get("dummy_run", args[dummy_pos - 2] if len(args) > dummy_pos - 2 else False)
+        if dummy or RUNNER_HOOKS.in_dummy_run:
+            with RUNNER_HOOKS.dummy():
+                return orig_exec(self, scheduler_output, *args, **kwargs)
+        RUNNER_HOOKS._runner = weakref.ref(self)
+        RUNNER_HOOKS.v2_req_ids = None
+        for listener in list(RUNNER_HOOKS.listeners):
+            listener(self, scheduler_output)
+        return orig_exec(self, scheduler_output, *args, **kwargs)
+
+    execute_model._rlkv_wrapped = True  # type: ignore[attr-defined]
+    Runner.execute_model = execute_model
+
+    orig_prepare = Runner.prepare_inputs
+
+    @functools.wraps(orig_prepare)
+    def prepare_inputs(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        batch = orig_prepare(self, *args, **kwargs)
+        if not RUNNER_HOOKS.in_dummy_run:
+            RUNNER_HOOKS.v2_req_ids = list(batch.req_ids)
+        return batch
+
+    Runner.prepare_inputs = prepare_inputs
+    Runner._dummy_run = _dummy_wrapper(Runner._dummy_run)
+    Runner.capture_model = _dummy_wrapper(Runner.capture_model)
+
+
+def _patch_v2_warmup() -> None:
+    """The V2 workers' JIT warm-up (``v1/worker/gpu/warmup.py: warmup_kernels``) runs real
+    execute_model steps for up to max_num_seqs made-up requests (more than the ring may have
+    slots), then finishes them: run it in dummy mode, every row on the scratch slot. The GPU
+    worker imports the function by name (0.26-0.33); the CPU worker of 0.33 from the module,
+    when it runs."""
+    try:
+        from vllm.v1.worker.gpu import warmup
+    except Exception:  # noqa: BLE001
+        return
+    orig = getattr(warmup, "warmup_kernels", None)
+    if orig is None or getattr(orig, "_rlkv_wrapped", False):
+        return
+    wrapped = _dummy_wrapper(orig)
+    warmup.warmup_kernels = wrapped
+    try:
+        from vllm.v1.worker import gpu_worker
+    except Exception:  # noqa: BLE001 - no GPU worker in this build
+        return
+    if getattr(gpu_worker, "warmup_kernels", None) is orig:
+        gpu_worker.warmup_kernels = wrapped
 
 
 # ------------------------------------------------------------ collective_rpc
@@ -724,8 +893,9 @@ def _patch_engine_args(on_config: Callable[[Any], None], before: Callable[[Any],
 
 
 def prepare_engine_args(args: Any) -> bool:
-    """Before the engine config exists: route RLKV to CUSTOM, pick the V1 runner,
-    turn prefix caching off unless asked for. Returns whether RLKV is selected."""
+    """Before the engine config exists: route RLKV to CUSTOM, keep vLLM's choice of model
+    runner where RLKV can follow the V2 runner's requests (else pick V1, saying why), turn
+    prefix caching off unless asked for. Returns whether RLKV is selected."""
     attn_cfg = getattr(args, "attention_config", None)
     chosen = getattr(args, "attention_backend", None)
     via_attn_cfg = False
@@ -739,12 +909,16 @@ def prepare_engine_args(args: Any) -> bool:
         attn_cfg.backend = custom
     else:
         args.attention_backend = custom
-    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip() in ("1", "true", "True"):
-        raise RLKVConfigError(
-            "VLLM_USE_V2_MODEL_RUNNER = 1 is not allowed with --attention-backend rlkv: "
-            "RLKV tracks requests through the V1 model runner; unset it"
-        )
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    asked = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower()
+    problem = None if V2_HOOKED else (v2_hook_problem() or "RLKV's V2 runner hooks are not installed")
+    if problem is not None:
+        if asked in ("1", "true"):
+            raise RLKVConfigError(
+                f"VLLM_USE_V2_MODEL_RUNNER = 1 is not allowed with --attention-backend rlkv here: {problem}; "
+                "unset it (RLKV then runs the V1 model runner)"
+            )
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        plugin_logger().info("RLKV runs vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0): %s", problem)
     if getattr(args, "enable_prefix_caching", None) is None:
         args.enable_prefix_caching = False  # asked for explicitly, the startup check refuses it
     return True
