@@ -122,7 +122,9 @@ def model_runner_name(llm: Any) -> str:
     runner = getattr(worker, "model_runner", None)
     if runner is not None:
         cls = type(runner)
-        return f"{'v2' if is_v2_runner(runner) else 'v1'}: {cls.__module__}.{cls.__qualname__}"
+        v2_cls = v2_model_runner_cls()  # by class too: a stock engine's runner where the hooks were not installed
+        v2 = is_v2_runner(runner) or (v2_cls is not None and isinstance(runner, v2_cls))
+        return f"{'v2' if v2 else 'v1'}: {cls.__module__}.{cls.__qualname__}"
     env = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
     return f"unknown (VLLM_USE_V2_MODEL_RUNNER={env!r})"
 
@@ -685,8 +687,8 @@ def v2_model_runner_cls() -> type | None:
 
 
 def is_v2_runner(runner: Any) -> bool:
-    cls = v2_model_runner_cls()
-    return cls is not None and isinstance(runner, cls)
+    """Whether a model runner is a V2 one (its class, or a base, went through patch_v2_runner)."""
+    return bool(getattr(type(runner), "_rlkv_v2_runner", False))
 
 
 # the V2 runner's methods the hooks wrap, and the parameters they rely on (0.26.0, 0.32.0, 0.33.0)
@@ -791,6 +793,7 @@ def patch_v2_runner(Runner: type) -> None:
 
     execute_model._rlkv_wrapped = True  # type: ignore[attr-defined]
     Runner.execute_model = execute_model
+    Runner._rlkv_v2_runner = True
 
     orig_prepare = Runner.prepare_inputs
 
