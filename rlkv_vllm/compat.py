@@ -108,25 +108,39 @@ def model_runner_cls():
     return GPUModelRunner
 
 
-def model_runner_name(llm: Any) -> str:
-    """Which model runner an in-process ``LLM`` runs: ``"v1: <module>.<class>"`` or
-    ``"v2: <module>.<class>"`` (both runners live under ``vllm.v1.worker``: V1 in
-    ``gpu_model_runner`` / ``cpu_model_runner``, V2 in ``gpu/model_runner`` and the CPU V2
-    runner in ``cpu/model_runner``, which subclasses it), read from the engine core's executor;
-    the environment's choice when the runner is not reachable (an engine core in another
-    process)."""
+def _engine_runner(llm: Any) -> Any:
+    """The model runner of an in-process ``LLM`` (None where the engine core runs in another
+    process): engine core -> executor -> driver worker -> model_runner."""
     core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
     executor = getattr(core, "model_executor", None)
     worker = getattr(executor, "driver_worker", None)
     worker = getattr(worker, "worker", worker)  # WorkerWrapperBase holds the worker
-    runner = getattr(worker, "model_runner", None)
+    return getattr(worker, "model_runner", None)
+
+
+def model_runner_name(llm: Any) -> str:
+    """Which model runner an in-process ``LLM`` runs: the runner's class and module (both runners
+    live under ``vllm.v1.worker``: V1 in ``gpu_model_runner`` / ``cpu_model_runner``, V2 in
+    ``gpu.model_runner`` and ``cpu.model_runner``; ``model_runner_kind`` says which); the
+    environment's choice when it is not reachable."""
+    runner = _engine_runner(llm)
     if runner is not None:
         cls = type(runner)
-        v2_cls = v2_model_runner_cls()  # by class too: a stock engine's runner where the hooks were not installed
-        v2 = is_v2_runner(runner) or (v2_cls is not None and isinstance(runner, v2_cls))
-        return f"{'v2' if v2 else 'v1'}: {cls.__module__}.{cls.__qualname__}"
+        return f"{cls.__module__}.{cls.__qualname__}"
     env = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
     return f"unknown (VLLM_USE_V2_MODEL_RUNNER={env!r})"
+
+
+def model_runner_kind(llm: Any) -> str:
+    """``"v1"`` or ``"v2"``: the model runner an in-process ``LLM`` runs (by its class: a
+    subclass of vLLM's V2 runner, the CPU V2 runner included, is V2, whether or not RLKV's hooks
+    are installed in this process, as for a stock engine); ``"unknown"`` where it is not
+    reachable."""
+    runner = _engine_runner(llm)
+    if runner is None:
+        return "unknown"
+    v2_cls = v2_model_runner_cls()
+    return "v2" if is_v2_runner(runner) or (v2_cls is not None and isinstance(runner, v2_cls)) else "v1"
 
 
 def model_runner_line(vllm_config: Any) -> str:

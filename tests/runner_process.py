@@ -117,6 +117,6 @@ def on_runner(runner: str, check: Callable[..., Any], *args: Any) -> Any:
 
 def runner_of(llm: Any) -> str:
     """"v1" or "v2": the runner an in-process engine really runs."""
-    from rlkv_vllm.compat import model_runner_name
+    from rlkv_vllm.compat import model_runner_kind
 
-    return model_runner_name(llm).split(":")[0]
+    return model_runner_kind(llm)

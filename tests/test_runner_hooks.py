@@ -194,3 +194,21 @@ def test_v1_is_forced_where_they_are_not(monkeypatch):
     assert compat.os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
     lines = [r.getMessage() for r in records]
     assert any("V1 model runner" in line and "no capture_model" in line for line in lines), lines
+
+
+def _llm(runner):
+    worker = types.SimpleNamespace(worker=types.SimpleNamespace(model_runner=runner))
+    core = types.SimpleNamespace(model_executor=types.SimpleNamespace(driver_worker=worker))
+    return types.SimpleNamespace(llm_engine=types.SimpleNamespace(engine_core=types.SimpleNamespace(engine_core=core)))
+
+
+def test_the_bench_names_the_runner_and_its_kind(rt):
+    class V1Like:
+        pass
+
+    v2 = _llm(FakeV2Runner(rt))
+    assert compat.model_runner_kind(v2) == "v2"
+    assert compat.model_runner_name(v2) == f"{__name__}.FakeV2Runner"
+    assert compat.model_runner_kind(_llm(V1Like())) == "v1"
+    assert compat.model_runner_kind(_llm(None)) == "unknown"
+    assert compat.model_runner_name(_llm(None)).startswith("unknown (VLLM_USE_V2_MODEL_RUNNER=")
