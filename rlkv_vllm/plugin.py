@@ -111,6 +111,7 @@ def check_engine_config(vllm_config: Any) -> None:
     publish_plan(plan)
     for line in startup.summary_lines(plan, cpu=cpu, budget=budget):
         logger.info(line)
+    logger.info(compat.model_runner_line(vllm_config))
     for warning in getattr(plan, "warnings", None) or []:
         logger.warning("RLKV: %s", warning)
 

@@ -138,9 +138,7 @@ class RLKVRuntime:
         ids = compat.RUNNER_HOOKS.batch_req_ids(num_reqs)
         if ids is None:
             return [scratch] * num_reqs
-        runner = compat.RUNNER_HOOKS.runner
-        known = getattr(runner, "requests", None)
-        alive = (lambda rid: rid in known) if known is not None else None
+        alive = compat.RUNNER_HOOKS.request_alive()
         return self.slots.assign(ids, alive=alive) + [scratch] * (num_reqs - len(ids))
 
     def slot_ids_on_device(self, num_reqs: int) -> torch.Tensor:

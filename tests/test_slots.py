@@ -1,6 +1,7 @@
 import pytest
 
 from rlkv_vllm.slots import SlotManager, SlotsExhaustedError
+from tests.runner_process import RUNNERS, on_runner, runner_of
 
 
 def test_assign_release_reuse():
@@ -22,10 +23,15 @@ def test_reclaims_dead_requests_only_when_full():
 
 
 @pytest.mark.slow
-def test_fewer_slots_than_max_num_seqs_requests_wait(tiny_model, tmp_path):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_fewer_slots_than_max_num_seqs_requests_wait(runner, tiny_model, tmp_path):
     """A ring of 3 slots (auto, from a 4 MiB budget at 512-token requests) under max_num_seqs 8:
     12 requests all finish, never more than 3 hold a slot, and the tokens are those of a ring
-    with a slot per max_num_seqs (greedy)."""
+    with a slot per max_num_seqs (greedy). On both model runners: the cap is the scheduler's."""
+    on_runner(runner, check_fewer_slots_than_max_num_seqs, runner, tiny_model, tmp_path)
+
+
+def check_fewer_slots_than_max_num_seqs(runner, tiny_model, tmp_path):
     from rlkv_vllm.core.plan import budget_ring_slots
     from rlkv_vllm.runtime import current_runtime
     from tests.engine_utils import engine, greedy, mixed_prompts, random_gates, write_pattern
@@ -36,6 +42,7 @@ def test_fewer_slots_than_max_num_seqs_requests_wait(tiny_model, tmp_path):
     common = dict(max_num_seqs=8, kv_cache_memory_bytes=budget, max_model_len=1024)
     rlkv = {"heads": pattern, "sparsity": 0.5, "slot_tokens": 512}
     with engine(tiny_model, rlkv, **common) as llm:
+        assert runner_of(llm) == runner
         rt = current_runtime()
         sched = llm.llm_engine.vllm_config.scheduler_config
         plan = rt.plan
@@ -47,6 +54,7 @@ def test_fewer_slots_than_max_num_seqs_requests_wait(tiny_model, tmp_path):
         assert rt.slots.peak_in_use == 3 and rt.slots.total_assigned >= len(prompts)
     with engine(tiny_model, {**rlkv, "ring_slots": 8}, **common) as llm:
         assert current_runtime().plan.num_slots == 8
+        assert runner_of(llm) == runner
         full = greedy(llm, prompts, gen)
         assert current_runtime().slots.peak_in_use > 3
     assert all(len(t) == gen for t in few)

