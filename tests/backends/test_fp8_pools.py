@@ -123,3 +123,22 @@ def test_compute_dtype_pools_carry_no_scales():
     layer = SimpleNamespace(_k_scale=torch.tensor(1.0), _v_scale=torch.tensor(1.0))
     pools = impl._layer_pools(layer, torch.zeros(2, 2, 16, 64))
     assert pools.k_scale is None and pools.v_scale is None and pools.key_cache is None  # torch: stock writes pages
+
+
+def test_cuda_decode_kernel_falls_back_to_triton_for_fp8():
+    """``rlkv.decode_kernel = cuda`` with an fp8 KV cache runs Triton's decode step (the CUDA
+    kernel has no fp8 path); at the model dtype the choice stands (and loads the module)."""
+    import numpy as np
+
+    from rlkv_vllm.core.plan import build_plan
+    from rlkv_vllm.core.settings import ModelShape, RLKVSettings
+    from rlkv_vllm.ops.pools import resolve_decode_kernel
+
+    mask = np.array([[1, 0], [0, 1]], dtype=bool)
+    settings = RLKVSettings(selection="explicit", decode_kernel="cuda", sink=4, recent=8,
+                            full_heads=tuple((int(l), int(h)) for l, h in zip(*np.nonzero(mask))))
+    shape = ModelShape(num_layers=2, num_kv_heads=2, num_q_heads=4, head_size=64)
+    for kv in (torch.float8_e4m3fn, torch.float8_e5m2):
+        plan = build_plan(settings, shape, max_num_seqs=4, dtype=torch.bfloat16, kv_dtype=kv)
+        assert resolve_decode_kernel(plan, "triton", torch.device("cuda")) == "triton"
+    assert resolve_decode_kernel(plan, "torch", torch.device("cuda")) == "triton"  # no Triton pool: moot
