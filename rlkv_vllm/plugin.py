@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from . import compat, startup
+from .core.plan import FP8_KV_DTYPES
 from .core.settings import RLKVConfigError
 
 logger = compat.plugin_logger()
@@ -133,11 +134,17 @@ def _check_model(vllm_config: Any, plan: Any) -> None:
         raise RLKVConfigError(
             f"head_size = {plan.shape.head_size} is not allowed with RLKV: must be a multiple of 8, at most 512"
         )
-    kv_dtype = str(getattr(vllm_config.cache_config, "cache_dtype", "auto"))
-    if kv_dtype not in ("auto", dtype):
-        raise RLKVConfigError(
-            f"kv_cache_dtype = {kv_dtype!r} is not allowed with RLKV: use 'auto' (quantized KV caches are not supported)"
-        )
+    # build_plan has refused the kv_cache_dtype names RLKV cannot store (runtime.kv_dtype_of);
+    # an fp8 one must also suit the platform's kernels
+    kv_dtype = compat.kv_cache_dtype_name(vllm_config)
+    if kv_dtype in FP8_KV_DTYPES:
+        if cpu:
+            problem = compat.cpu_fp8_kv_problem(plan.shape.head_size)
+        else:
+            problem = _cuda_fp8_kv_problem(vllm_config, plan, kv_dtype)
+        if problem is not None:
+            raise RLKVConfigError(f"kv_cache_dtype = {kv_dtype!r} is not allowed with RLKV here: {problem}; "
+                                  "allowed: auto")
     if int(vllm_config.parallel_config.pipeline_parallel_size) > 1:
         raise RLKVConfigError(
             f"pipeline_parallel_size = {vllm_config.parallel_config.pipeline_parallel_size} is not "
@@ -167,6 +174,14 @@ def _check_model(vllm_config: Any, plan: Any) -> None:
             f"sliding_window = {sw} (model {plan.shape.model_id}) is not allowed with RLKV: "
             "models with sliding-window layers are not supported"
         )
+
+
+def _cuda_fp8_kv_problem(vllm_config: Any, plan: Any, kv_dtype: str) -> str | None:
+    """Why the CUDA path cannot hold this fp8 KV cache (None if it can). The full heads run
+    on TRITON_ATTN (``backends.cuda.flash_attn_unavailable_reason``), which needs SM89+."""
+    if compat.fp8_cuda_capability_missing():
+        return "the Triton fp8 kernels need compute capability 8.9 or newer"
+    return None
 
 
 _hook_installed = False

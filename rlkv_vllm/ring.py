@@ -11,7 +11,8 @@ class RingPool:
     k[layer], v[layer]: [(num_slots + 1) * window, ring_heads[layer], head_size], or None
     for a layer with no ring head (serve mode: its streaming heads; gated mode: all heads). Row ``slot * window + ring_index(pos)`` holds
     position ``pos`` of the request in ``slot``; slot ``num_slots`` is scratch (writes
-    that no query will read, and dummy batches).
+    that no query will read, and dummy batches). dtype: the KV cache's element type (fp8
+    with an fp8 KV cache: rows hold ``clamp(x / scale)``, the layer's k/v scales).
     """
 
     def __init__(

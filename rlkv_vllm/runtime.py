@@ -16,7 +16,7 @@ import torch
 from . import compat
 from .core.gates import checked_gates
 from .core.patterns import local_kv_heads
-from .core.plan import RLKVPlan
+from .core.plan import FP8_KV_DTYPES, RLKVPlan, kv_storage_dtype
 from .core.plan import build_plan as core_build_plan
 from .core.settings import RLKVConfigError, parse_settings
 from .metrics import WorkerMetricsPublisher
@@ -30,14 +30,27 @@ logger = compat.plugin_logger()
 def build_plan(vllm_config: Any, tp_rank: int | None = None) -> RLKVPlan:
     """The plan of one engine config; raises RLKVConfigError with one line."""
     tp_size, rank = compat.tp_size_rank(vllm_config)
+    dtype = compat.model_dtype(vllm_config)
     return core_build_plan(
         parse_settings(compat.rlkv_section(vllm_config)),
         compat.model_shape(vllm_config),
         max_num_seqs=compat.max_num_seqs(vllm_config),
-        dtype=compat.model_dtype(vllm_config),
+        dtype=dtype,
         tp_size=tp_size,
         tp_rank=rank if tp_rank is None else tp_rank,
+        kv_dtype=kv_dtype_of(vllm_config, dtype),
     )
+
+
+def kv_dtype_of(vllm_config: Any, dtype: torch.dtype) -> torch.dtype:
+    """The element type of the paged cache and the ring; raises RLKVConfigError (one line)
+    for a ``kv_cache_dtype`` RLKV cannot store."""
+    name = compat.kv_cache_dtype_name(vllm_config)
+    try:
+        return kv_storage_dtype(name, dtype)
+    except ValueError:
+        allowed = ", ".join(["auto", *FP8_KV_DTYPES])
+        raise RLKVConfigError(f"kv_cache_dtype = {name!r} is not allowed with RLKV: use one of {allowed}") from None
 
 
 class RLKVRuntime:
@@ -105,7 +118,7 @@ class RLKVRuntime:
                 self.settings.sink,
                 self.settings.recent,
                 self.plan.shape.head_size,
-                self.plan.dtype,
+                self.plan.cache_dtype,
                 self.device,
             )
             logger.info("RLKV ring pool: %.1f MiB on %s, %d slots", self.ring.nbytes / 2**20, self.device,

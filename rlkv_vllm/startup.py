@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from . import compat
-from .core.plan import AUTO_SLOT_TOKENS_FRACTION, RLKVPlan, budget_ring_slots
+from .core.plan import AUTO_SLOT_TOKENS_FRACTION, RLKVPlan, budget_ring_slots, is_fp8
 from .core.settings import RLKVConfigError
 from .ops.pools import resolve_kernel
 
@@ -135,7 +135,9 @@ def summary_lines(plan: RLKVPlan, *, cpu: bool, budget: int | None) -> list[str]
         f"layers with no full head: {no_full}"
     ]
     slots = f"{plan.num_slots} slots + 1 scratch x {st.window} tokens"
-    per_token = f"{plan.paged_bytes_per_token()} B/token vs stock {plan.stock_bytes_per_token()}"
+    fp8 = is_fp8(plan.cache_dtype)
+    kv = f", KV {str(plan.cache_dtype).replace('torch.', '')}" if fp8 else ""
+    per_token = f"{plan.paged_bytes_per_token()} B/token vs stock {plan.stock_bytes_per_token()}{kv}"
     rank = " per TP rank" if plan.tp_size > 1 else ""
     if budget:
         lines.append(
@@ -157,7 +159,9 @@ def summary_lines(plan: RLKVPlan, *, cpu: bool, budget: int | None) -> list[str]
         kernel = resolve_kernel(st.kernel, torch.device("cuda"))
         full_kernel = {"auto": "flash_attn where usable, else triton (chosen in the worker)"}.get(
             st.full_kernel, st.full_kernel)
-        decode = "cuda" if kernel == "triton" and st.decode_kernel == "cuda" else (
+        if fp8:  # FA3's fp8 path takes fp8 queries; the CUDA decode kernel has no fp8 path
+            full_kernel = "triton (fp8 KV)"
+        decode = "cuda" if kernel == "triton" and st.decode_kernel == "cuda" and not fp8 else (
             "triton" if kernel == "triton" else "none (torch path)")
         lines.append(
             f"RLKV kernels: streaming {kernel} (rlkv.kernel = {st.kernel}); full heads {full_kernel} "

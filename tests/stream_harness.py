@@ -5,6 +5,10 @@ Requests get ring slots in random order; each step serves a random subset of the
 with a random chunk (decode = 1 token), sometimes followed by CUDA-graph style padding
 (extra tokens past query_start_loc[B], extra rows with seq_len 0); the ring starts
 poisoned with NaN so a read of a never-written slot shows up.
+
+With ``Case.kv_dtype`` fp8 the ring holds fp8 (NaN-poisoned too) and each step carries the
+layer's k/v scales (``Step.k_scale`` / ``v_scale``, random per case): the error against the
+oracle is then fp8's, and ``paired`` checks a kernel bit for bit against the PyTorch path.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class Step:
     num_tokens: int
     plan: StreamPlan
     max_query_len: int = 0  # the host-side figure vLLM's metadata carries
+    k_scale: torch.Tensor | None = None  # [] float32: the layer's k/v scales (fp8 rings)
+    v_scale: torch.Tensor | None = None
 
 
 # fn(q [T,H,G,D], k [T,H,D], v, ring_k, ring_v, step, scale, out [T,H,G,D]) -> None,
@@ -56,6 +62,7 @@ class Case:
     seed: int = 0
     pad: bool = False  # add CUDA-graph style padding tokens and rows to some steps
     decode_steps: float = 0.0  # probability that a step gives every row one token (max_query_len 1)
+    kv_dtype: torch.dtype | None = None  # the ring's element type (None: dtype; fp8: scaled)
 
 
 def run_case(case: Case, fn: StreamFn, device: str = "cpu") -> tuple[float, int]:
@@ -71,8 +78,14 @@ def run_case(case: Case, fn: StreamFn, device: str = "cpu") -> tuple[float, int]
     num_slots = case.num_reqs + 2
     slots = rng.sample(range(num_slots), case.num_reqs)  # permuted slot table
     c = case.sink + case.recent
-    ring_k = torch.full(((num_slots + 1) * c, h, d), float("nan"), dtype=case.dtype, device=device)
+    ring_dtype = case.kv_dtype or case.dtype
+    ring_k = torch.full(((num_slots + 1) * c, h, d), float("nan"), dtype=ring_dtype, device=device)
     ring_v = torch.full_like(ring_k, float("nan"))
+    k_scale = v_scale = None
+    if case.kv_dtype is not None and case.kv_dtype != case.dtype:
+        # scales around 1, as checkpoints carry; some inputs saturate at 1/4
+        k_scale = torch.tensor(rng.choice([0.25, 0.7, 1.0, 1.9]), device=device)
+        v_scale = torch.tensor(rng.choice([0.25, 0.5, 1.0, 1.3]), device=device)
     out = [torch.full((n, h * g, d), float("nan"), dtype=case.dtype) for n in lens]
     done = [0] * case.num_reqs
     scale = d**-0.5
@@ -107,7 +120,8 @@ def run_case(case: Case, fn: StreamFn, device: str = "cpu") -> tuple[float, int]
         seq_t = torch.tensor(seq, device=device, dtype=torch.int32)
         slot_t = torch.tensor(slot_rows, device=device, dtype=torch.int32)
         plan = build_stream_plan(qsl_t, seq_t, slot_t, num_tokens, case.sink, case.recent, num_slots)
-        step = Step(qsl_t, seq_t, slot_t, num_tokens, plan, max_query_len=max(chunks))
+        step = Step(qsl_t, seq_t, slot_t, num_tokens, plan, max_query_len=max(chunks), k_scale=k_scale,
+                    v_scale=v_scale)
         o = torch.full((num_tokens, h, g, d), float("nan"), dtype=case.dtype, device=device)
         fn(qs.view(-1, h, g, d).to(device), ks.to(device), vs.to(device), ring_k, ring_v, step, scale, o)
         assert torch.isfinite(o[n_real:]).all(), "padding tokens got a non-finite output"
@@ -125,3 +139,28 @@ def run_case(case: Case, fn: StreamFn, device: str = "cpu") -> tuple[float, int]
         err = (out[i].double() - ref.double()).norm() / ref.double().norm()
         worst = max(worst, float(err))
     return worst, sum(lens)
+
+
+def paired(fn: StreamFn, ref: StreamFn, out_tol: float) -> StreamFn:
+    """A StreamFn running ``fn`` and the reference ``ref`` on their own rings each step: the
+    rings must stay bit for bit equal (same quantisation, same rows) and the outputs agree
+    within ``out_tol`` (max abs, relative to the output's max abs)."""
+    state: dict[str, torch.Tensor] = {}
+
+    def both(q, k, v, ring_k, ring_v, step: Step, scale, out):  # type: ignore[no-untyped-def]
+        if not state:
+            state["k"], state["v"] = ring_k.clone(), ring_v.clone()
+        o_ref = torch.full_like(out, float("nan"))
+        ref(q, k, v, state["k"], state["v"], step, scale, o_ref)
+        fn(q, k, v, ring_k, ring_v, step, scale, out)
+        # the last slot is scratch: the PyTorch path dumps unread keys there, the kernels skip them
+        live = ring_k.shape[0] - step.plan.window
+        for name, a, b in (("ring_k", ring_k, state["k"]), ("ring_v", ring_v, state["v"])):
+            same = (a[:live].view(torch.uint8) == b[:live].view(torch.uint8)).all(-1)
+            assert bool(same.all()), f"{name} rows differ from the reference: {same.logical_not().nonzero()[:5].tolist()}"
+        n = int(step.query_start_loc[-1])  # padding tokens: the paths' outputs differ (both finite)
+        o, r = out[:n].double(), o_ref[:n].double()
+        err = (o - r).abs().max() / r.abs().max().clamp(min=1e-6) if n else torch.zeros(())
+        assert float(err) <= out_tol, f"output vs reference: {float(err)}"
+
+    return both

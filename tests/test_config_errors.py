@@ -84,8 +84,30 @@ def test_unsupported_head_size(tmp_path):
 
 
 def test_quantized_kv_cache(tiny_model, good_pattern):
-    msg = refused(tiny_model, {"heads": good_pattern}, kv_cache_dtype="fp8")
-    assert "kv_cache_dtype = 'fp8'" in msg and "'auto'" in msg
+    """A KV dtype RLKV cannot store names the field, the value and what is allowed."""
+    msg = refused(tiny_model, {"heads": good_pattern}, kv_cache_dtype="fp8_inc")
+    assert "kv_cache_dtype = 'fp8_inc'" in msg and "auto, fp8, fp8_e4m3, fp8_e5m2" in msg
+
+
+def test_fp8_kv_cache_where_the_platform_lacks_it(tiny_model, good_pattern):
+    """fp8 is allowed, but the CPU kernels need AVX-512 or AMX (and head_size % 32 == 0):
+    without them RLKV says so in one line (stock vLLM fails in a worker)."""
+    from rlkv_vllm import compat
+
+    if not compat.is_cpu_platform():
+        pytest.skip("the CPU platform's fp8 rules")
+    problem = compat.cpu_fp8_kv_problem(32)
+    if problem is None:
+        pytest.skip("this CPU runs fp8 KV caches (tests/backends/test_fp8.py serves them)")
+    msg = refused(tiny_model, {"heads": good_pattern}, kv_cache_dtype="fp8_e5m2")
+    assert "kv_cache_dtype = 'fp8_e5m2'" in msg and problem in msg and "allowed: auto" in msg
+
+
+def test_fp8_kv_head_size_rule(monkeypatch):
+    """The CPU fp8 kernels take head sizes that are multiples of 32 (80 and 112 are CPU_ATTN sizes)."""
+    from rlkv_vllm import compat
+
+    assert "head_size 80" in compat.cpu_fp8_kv_problem(80)
 
 
 def test_unsupported_dtype_on_cuda(monkeypatch, good_pattern):

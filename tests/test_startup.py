@@ -102,3 +102,18 @@ def test_slot_tokens_beyond_max_model_len_is_refused():
     msg = str(e.value)
     assert msg.startswith("rlkv.slot_tokens = 4096 is not allowed: must be at most max_model_len = 2048")
     assert "\n" not in msg
+
+
+def test_fp8_sizes_slots_at_one_byte_and_says_so():
+    """An fp8 KV cache: a quarter of fp32's bytes per token and per slot, so the same budget
+    sizes 4x the slots' worth; the summary names the KV dtype and the kernels fp8 runs."""
+    full = tuple((int(l), int(h)) for l, h in zip(*np.nonzero(MASK)))
+    st = RLKVSettings(selection="explicit", full_heads=full, slot_tokens=512, decode_kernel="cuda")
+    plan = build_plan(st, SHAPE, max_num_seqs=16, dtype=torch.float32, kv_dtype=torch.float8_e4m3fn)
+    assert (plan.paged_bytes_per_token(), plan.ring_slot_nbytes) == (512, 40_960)
+    # (4 MiB - r) / (r + L p) = (4,194,304 - 40,960) / (40,960 + 262,144) = 13.7 -> 13
+    sized = startup.size_ring_slots(_config(max_num_seqs=16), plan, 4 << 20)
+    assert sized.num_slots == 13
+    lines = startup.summary_lines(sized, cpu=False, budget=4 << 20)
+    assert any("512 B/token vs stock 1024, KV float8_e4m3fn" in line for line in lines), lines
+    assert any("full heads triton (fp8 KV)" in line and "decode step triton" in line for line in lines), lines

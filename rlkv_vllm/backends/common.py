@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .. import compat
+from ..core.plan import is_fp8
 from ..core.settings import RLKVConfigError
 from ..ops.pools import FullHeadInputs, HeadSplit, StreamingPool, gather_heads, head_split
 from ..ops.views import LayerPools, StepRows
@@ -90,6 +91,9 @@ class RLKVImplMixin:
         self._rlkv_stock_kwargs = given
         self.rlkv_runtime = runtime_for(cfg)
         self.rlkv_runtime.ensure_ring()
+        # with an fp8 KV cache vLLM's layer would quantise the queries for a backend that takes
+        # fp8 queries: the ring attends (and the stock kernel is handed) model-dtype queries
+        self.supports_quant_query_input = False
 
     def _make_inner_impl(self, num_heads: int, num_kv_heads: int) -> Any:
         """A stock impl for a subset of heads (built inside the engine's config context)."""
@@ -156,19 +160,28 @@ class RLKVImplMixin:
             return spec
         return compat.reduce_kv_spec(spec, self._split.paged_slots)
 
-    def _layer_pools(self, kv_cache: torch.Tensor) -> LayerPools:
-        """This layer's pool views (built once: the cache tensor never moves)."""
+    def _layer_pools(self, layer: Any, kv_cache: torch.Tensor) -> LayerPools:
+        """This layer's pool views (built once: the cache tensor never moves; the fp8 scales
+        are the layer's own tensors, which vLLM updates in place)."""
         if self._pools is not None and self._pools[0] is kv_cache:
             return self._pools[1]
-        s = self.rlkv_runtime.settings
+        rt = self.rlkv_runtime
+        s = rt.settings
+        fp8 = is_fp8(rt.plan.cache_dtype)
         paged: dict[str, Any] = {}
         if self._pool.writes_paged and self._split.n_full:
             kc, vc = compat.paged_key_value(kv_cache, self.head_size)
+            if fp8:  # vLLM stores fp8 pages as bytes; its readers view them as the platform's fp8
+                kc, vc = kc.view(compat.paged_fp8_dtype()), vc.view(compat.paged_fp8_dtype())
             paged = dict(key_cache=kc, value_cache=vc, paged_src=self._split.paged_src)
         ring: dict[str, Any] = {}
         if self._ring_k is not None:
             ring = dict(ring_k=self._ring_k, ring_v=self._ring_v, ring_src=self._split.ring_src)
-        pools = LayerPools(sink=s.sink, recent=s.recent, **paged, **ring)
+        scales: dict[str, Any] = {}
+        if fp8:
+            k_scale, v_scale = compat.layer_kv_scales(layer)
+            scales = dict(k_scale=k_scale, v_scale=v_scale)
+        pools = LayerPools(sink=s.sink, recent=s.recent, **paged, **ring, **scales)
         self._pools = (kv_cache, pools)
         return pools
 
@@ -212,7 +225,7 @@ class RLKVImplMixin:
         if self._rlkv_writes_in_forward and not self._pool.writes_paged:
             # vLLM will not call do_kv_cache_update, and this pool does not store paged heads
             self._write_paged(layer, k, v, kv_cache, md.rows.slot_mapping[:n])
-        pools = self._layer_pools(kv_cache)
+        pools = self._layer_pools(layer, kv_cache)
         if self.rlkv_runtime.serve:
             full_inputs = self._pool.serve(self._split, q, k, v, out, md.rows, pools, md.step_plan, self.scale)
             if full_inputs is not None:

@@ -4,7 +4,7 @@ The forward is ``backends.common``'s; the streaming pool it binds to is ``ops.po
 TritonPool by default here (``rlkv.kernel = torch``: TorchPool, piecewise graphs only).
 This module picks the stock base for the full heads: vLLM's FlashAttention (fp16/bf16,
 where this build and device have it; ``rlkv.full_kernel`` forces a choice) or Triton
-unified attention (also float32), and declares what the base needs.
+unified attention (also float32, and every fp8 KV cache), and declares what the base needs.
 
 Every index the Triton pool uses is computed on the device from persistent buffers, so
 the builder declares the stock backend's CUDA-graph support (FULL graphs included). A
@@ -58,7 +58,8 @@ class RLKVCudaBuilderMixin(RLKVBuilderMixin):
 class RLKVCudaBackendMixin:
     """What every RLKV CUDA backend declares, whatever its stock base."""
 
-    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+    # fp8: the paged cache and the ring hold fp8 with the layer's scales (full heads on TRITON_ATTN)
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
     # RLKV stores keys inside forward, after the ring reads (see RLKVCudaImplMixin)
     forward_includes_kv_cache_update: bool = True
 
@@ -143,6 +144,11 @@ def flash_attn_unavailable_reason(vllm_config: Any) -> str | None:
     dtype = vllm_config.model_config.dtype
     if dtype not in (_t.float16, _t.bfloat16):
         return f"dtype {dtype} (FlashAttention takes float16/bfloat16)"
+    kv = compat.kv_cache_dtype_name(vllm_config)
+    if kv.startswith("fp8"):
+        # FA3's fp8 path takes fp8 queries, and the ring attends in the model dtype: TRITON_ATTN
+        # reads an fp8 cache with model-dtype queries
+        return f"kv_cache_dtype {kv} (RLKV runs fp8 full heads on TRITON_ATTN)"
     try:
         if compat.flash_attn_version(vllm_config.model_config.get_head_size()) is None:
             return "no FlashAttention version supports this device/head size"

@@ -19,6 +19,29 @@ import torch
 from .patterns import LayerHeads, layers_without_full_head, select_heads, split_layers, streaming_fraction
 from .settings import ModelShape, RLKVSettings, config_error
 
+# vLLM's FP8 ``kv_cache_dtype`` names and the element type RLKV stores them in (paged and
+# ring alike): one byte per element, scaled per layer by vLLM's k/v scales
+FP8_KV_DTYPES: dict[str, torch.dtype] = {
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
+def kv_storage_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    """The element type a KV cache of vLLM's ``kv_cache_dtype`` name holds for a model of
+    ``dtype`` ("auto" or the model's own dtype name: ``dtype``; an FP8 name: its fp8 type).
+    Raises ValueError for a name RLKV does not store (the startup check refuses it first)."""
+    if kv_cache_dtype in FP8_KV_DTYPES:
+        return FP8_KV_DTYPES[kv_cache_dtype]
+    if kv_cache_dtype == "auto" or kv_cache_dtype == str(dtype).replace("torch.", ""):
+        return dtype
+    raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}")
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
 
 def ring_index(pos: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
     """Ring row of absolute position(s) ``pos`` (any int tensor shape)."""
@@ -35,7 +58,8 @@ def ring_heads_of(layers: list[LayerHeads], mode: str) -> list[int]:
 
 
 def ring_bytes(ring_heads: list[int], num_slots: int, window: int, head_size: int, dtype: torch.dtype) -> int:
-    """Bytes of all rings: (slots + 1 scratch) x window x ring heads x (K + V)."""
+    """Bytes of all rings: (slots + 1 scratch) x window x ring heads x (K + V); dtype: the
+    ring's element type (the KV cache's: 1 byte for fp8)."""
     return (num_slots + 1) * ring_slot_bytes(ring_heads, window, head_size, dtype)
 
 
@@ -93,6 +117,8 @@ class RLKVPlan:
     slots_by: why the ring has num_slots slots, in words (startup summary, /metrics).
     warnings: one-line problems that do not stop a start (e.g. a pattern made for another
     model), for the start-up log and ``rlkv pattern``.
+    dtype: the model's (compute) dtype; kv_dtype: what the paged cache and the ring store
+    (None: dtype; fp8 with ``--kv-cache-dtype fp8``): every byte count uses its element size.
     """
 
     settings: RLKVSettings
@@ -109,6 +135,15 @@ class RLKVPlan:
     ring_slot_nbytes: int = 0
     slots_by: str = "max_num_seqs"
     warnings: list[str] = field(default_factory=list)
+    kv_dtype: torch.dtype | None = None
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The element type of the paged cache and the ring."""
+        return self.kv_dtype if self.kv_dtype is not None else self.dtype
+
+    def _elem(self) -> int:
+        return torch.empty((), dtype=self.cache_dtype).element_size()
 
     def with_slots(self, num_slots: int, slots_by: str) -> "RLKVPlan":
         """The same plan with a ring of ``num_slots`` slots (and the settings saying so, so a
@@ -144,17 +179,18 @@ class RLKVPlan:
     def paged_bytes_per_token(self) -> int:
         """What vLLM's block manager is charged per token; a layer with no full head
         reports one slot of head size 1 (see compat.reduce_kv_spec)."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = self._elem()
         heads = self.paged_heads()
         return (sum(heads) * 2 * self.shape.head_size + 2 * heads.count(0)) * elem
 
     def ideal_bytes_per_token(self) -> int:
         """Bytes per token of the full heads alone."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = self._elem()
         return sum(self.paged_heads()) * 2 * self.shape.head_size * elem
 
     def stock_bytes_per_token(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        """Stock vLLM's bytes per token at the same KV dtype (fp8 against stock fp8)."""
+        elem = self._elem()
         heads = sum(len(l.full) + len(l.stream) for l in self.layers)
         return heads * 2 * self.shape.head_size * elem
 
@@ -177,8 +213,12 @@ def build_plan(
     dtype: torch.dtype,
     tp_size: int = 1,
     tp_rank: int = 0,
+    kv_dtype: torch.dtype | None = None,
 ) -> RLKVPlan:
     """Validate settings against a model shape and size the pools; raises RLKVConfigError.
+
+    dtype: the model's dtype; kv_dtype: the KV cache's element type (None: dtype; fp8 from
+    ``kv_storage_dtype``), which the ring stores too and every byte count uses.
 
     The ring gets ``settings.ring_slots`` slots when that is a number, else max_num_seqs (an
     "auto" ring is sized once the KV budget is known: ``RLKVPlan.with_slots``).
@@ -196,7 +236,7 @@ def build_plan(
         num_slots, slots_by = int(settings.ring_slots), "rlkv.ring_slots"
     slot_nbytes = max(
         ring_slot_bytes(ring_heads_of(split_layers(mask, tp_size, r), settings.mode), settings.window,
-                        shape.head_size, dtype)
+                        shape.head_size, kv_dtype if kv_dtype is not None else dtype)
         for r in range(tp_size)
     )
     return RLKVPlan(
@@ -214,4 +254,5 @@ def build_plan(
         ring_slot_nbytes=slot_nbytes,
         slots_by=slots_by,
         warnings=list(heads.warnings),
+        kv_dtype=kv_dtype,
     )

@@ -106,9 +106,9 @@ SETTING_MEANINGS: dict[str, str] = {
     "kernel": "streaming-pool kernels: `triton` (what `auto` runs on CUDA) or `torch` "
               "(the CPU path; on CUDA a reference path without CUDA graphs)",
     "full_kernel": "CUDA, full heads: `flash_attn` (what `auto` runs for fp16/bf16 where usable) or `triton` "
-                   "(vLLM's Triton attention)",
+                   "(vLLM's Triton attention; what `auto` runs with an fp8 KV cache)",
     "decode_kernel": "CUDA, the one-launch decode step: `triton` (what `auto` runs) or `cuda` "
-                     "(`csrc/rlkv_decode.cu`, opt-in: slower so far)",
+                     "(`csrc/rlkv_decode.cu`, opt-in: slower so far; no fp8 path, Triton's runs instead)",
     "ring_slots": "streaming-ring slots (one per running request): `auto` (the requests the KV budget holds at "
                   "`slot_tokens` each, at most max_num_seqs) or a number <= max_num_seqs; running requests are "
                   "capped at it, the rest wait",

@@ -21,8 +21,9 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from .. import compat
 from ..core.patterns import LayerHeads
-from ..core.plan import RLKVPlan
+from ..core.plan import RLKVPlan, is_fp8
 from ..core.settings import RLKVConfigError
 from . import cuda_build, cuda_decode, triton_stream
 from .torch_stream import StreamPlan, build_stream_plan, ring_stream_attention, ring_write
@@ -155,6 +156,13 @@ class StreamingPool:
         raise NotImplementedError
 
 
+def _ring_scales(pools: LayerPools) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(k_scale, v_scale) for an fp8 ring, (None, None) for a ring of the compute dtype."""
+    if pools.ring_k is not None and is_fp8(pools.ring_k.dtype):
+        return pools.k_scale, pools.v_scale
+    return None, None
+
+
 class TorchPool(StreamingPool):
     name = "torch"
 
@@ -173,8 +181,8 @@ class TorchPool(StreamingPool):
                 qs = q.index_select(1, split.stream_q).view(t, split.n_stream, g, d)
                 ks, vs = k.index_select(1, split.stream_kv), v.index_select(1, split.stream_kv)
             o = torch.empty(t, split.n_stream, g, d, dtype=out.dtype, device=out.device)
-            ring_stream_attention(qs, ks, vs, pools.ring_k, pools.ring_v, step_plan, scale, o)
-            ring_write(pools.ring_k, pools.ring_v, ks, vs, step_plan)
+            ring_stream_attention(qs, ks, vs, pools.ring_k, pools.ring_v, step_plan, scale, o, *_ring_scales(pools))
+            ring_write(pools.ring_k, pools.ring_v, ks, vs, step_plan, *_ring_scales(pools))
             if split.contiguous:
                 out[:, split.n_full * g:] = o.view(t, split.n_stream * g, d)
             else:
@@ -187,8 +195,9 @@ class TorchPool(StreamingPool):
     def gated_stream(self, split, q, k, v, rows, pools, step_plan, scale):  # type: ignore[no-untyped-def]
         t, h, g, d = q.shape[0], split.num_kv_heads, split.group, q.shape[-1]
         stream = torch.empty(t, h, g, d, dtype=torch.float32, device=q.device)
-        ring_stream_attention(q.view(t, h, g, d), k, v, pools.ring_k, pools.ring_v, step_plan, scale, stream)
-        ring_write(pools.ring_k, pools.ring_v, k, v, step_plan)
+        ring_stream_attention(q.view(t, h, g, d), k, v, pools.ring_k, pools.ring_v, step_plan, scale, stream,
+                              *_ring_scales(pools))
+        ring_write(pools.ring_k, pools.ring_v, k, v, step_plan, *_ring_scales(pools))
         return stream.view(t, h * g, d)
 
 
@@ -253,7 +262,8 @@ def pool_class(kernel: str, device: torch.device) -> type[StreamingPool]:
 
 
 def decode_kernel_problem(plan: RLKVPlan) -> str | None:
-    """Why the CUDA decode kernel cannot serve this plan (None if it can), device aside."""
+    """Why the CUDA decode kernel cannot serve this plan (None if it can), device aside.
+    An fp8 KV cache is no problem here: ``resolve_decode_kernel`` falls back to Triton."""
     reason = cuda_decode.shape_unsupported_reason(plan.dtype, plan.shape.head_size, plan.shape.group_size,
                                                   plan.settings.window)
     if reason is not None:
@@ -274,6 +284,11 @@ def resolve_decode_kernel(plan: RLKVPlan, kernel: str, device: torch.device) -> 
     """
     choice = plan.settings.decode_kernel
     if kernel != "triton" or choice in ("auto", "triton"):
+        return "triton"
+    if is_fp8(plan.cache_dtype):
+        compat.plugin_logger().info(
+            "RLKV: rlkv.decode_kernel = 'cuda' runs the Triton decode step: the CUDA kernel has no fp8 KV "
+            "path (kv_cache_dtype %s)", plan.cache_dtype)
         return "triton"
     # unavailable_reason loads the module (the check and the load are one step)
     problem = decode_kernel_problem(plan) or cuda_decode.unavailable_reason(device)

@@ -10,6 +10,10 @@ keys its own earlier queries still need).
 
 All index work happens once per step in ``build_stream_plan`` and is shared by every
 layer; it stays on the device with no host synchronisation.
+
+FP8 rings (``--kv-cache-dtype fp8``): the ring holds ``clamp(x / scale)`` cast to fp8 with
+the layer's k/v scale, as vLLM's ``reshape_and_cache`` stores the paged cache, and reads
+dequantise (``fp8 -> float32 * scale``). This chunk's own keys are read from k/v unquantised.
 """
 
 from __future__ import annotations
@@ -19,6 +23,19 @@ from dataclasses import dataclass
 import torch
 
 from ..core.plan import ring_index
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """vLLM's scaled fp8 store: ``clamp(x / scale, -max, max)`` cast to ``dtype`` (round to
+    nearest even; saturating, as vLLM's reshape_and_cache). x: any shape; scale: [] or [1]
+    float32 (the layer's ``_k_scale`` / ``_v_scale``)."""
+    fmax = float(torch.finfo(dtype).max)
+    return (x.float() / scale.float()).clamp_(-fmax, fmax).to(dtype)
+
+
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """An fp8 ring read: float32 ``x * scale`` (x: any shape, fp8)."""
+    return x.float() * scale.float()
+
 
 # Tokens per block when materialising gathered keys: bounds the temporary
 # [block, C, heads, head_dim] tensors.
@@ -157,26 +174,42 @@ def ring_stream_attention(
     plan: StreamPlan,
     scale: float,
     out: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Serve mode: streaming heads read earlier keys from the ring, this chunk's from k_tok.
 
     q: [T, H, G, D] (streaming query heads grouped by KV head); k_tok, v_tok: [T, H, D];
     ring_k, ring_v: [(slots + 1) * C, H, D]; out: [T, H, G, D], written in place.
+    k_scale, v_scale: [] or [1] float32, given for an fp8 ring (its reads are dequantised).
     Does not write the ring (see ``ring_write``).
     """
     n = plan.num_tokens
     for s in range(0, n, TOKEN_BLOCK):
         e = min(n, s + TOKEN_BLOCK)
         fr = plan.from_ring[s:e, :, None, None]
-        kk = torch.where(fr, ring_k[plan.ring_idx[s:e]], k_tok[plan.tok_idx[s:e]])
-        vv = torch.where(fr, ring_v[plan.ring_idx[s:e]], v_tok[plan.tok_idx[s:e]])
+        rk, rv = ring_k[plan.ring_idx[s:e]], ring_v[plan.ring_idx[s:e]]
+        if k_scale is not None:
+            rk, rv = dequantize_kv(rk, k_scale), dequantize_kv(rv, v_scale)
+        kk = torch.where(fr, rk, k_tok[plan.tok_idx[s:e]])
+        vv = torch.where(fr, rv, v_tok[plan.tok_idx[s:e]])
         out[s:e] = gathered_attention(q[s:e], kk, vv, plan.valid[s:e], scale).to(out.dtype)
 
 
 def ring_write(
-    ring_k: torch.Tensor, ring_v: torch.Tensor, k_tok: torch.Tensor, v_tok: torch.Tensor, plan: StreamPlan
+    ring_k: torch.Tensor, ring_v: torch.Tensor, k_tok: torch.Tensor, v_tok: torch.Tensor, plan: StreamPlan,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Store this step's streaming keys/values in the ring (after attention read it)."""
+    """Store this step's streaming keys/values in the ring (after attention read it).
+
+    k_scale, v_scale: given for an fp8 ring, which stores ``quantize_kv(x, scale)``."""
     n = plan.num_tokens
-    ring_k.index_copy_(0, plan.write_dst, k_tok[:n].to(ring_k.dtype))
-    ring_v.index_copy_(0, plan.write_dst, v_tok[:n].to(ring_v.dtype))
+    if k_scale is None:
+        ring_k.index_copy_(0, plan.write_dst, k_tok[:n].to(ring_k.dtype))
+        ring_v.index_copy_(0, plan.write_dst, v_tok[:n].to(ring_v.dtype))
+        return
+    # index_copy_ has no fp8 kernel (CPU): copy the bytes
+    ring_k.view(torch.uint8).index_copy_(0, plan.write_dst, quantize_kv(k_tok[:n], k_scale, ring_k.dtype)
+                                         .view(torch.uint8))
+    ring_v.view(torch.uint8).index_copy_(0, plan.write_dst, quantize_kv(v_tok[:n], v_scale, ring_v.dtype)
+                                         .view(torch.uint8))

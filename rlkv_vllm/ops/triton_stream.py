@@ -23,6 +23,12 @@ nothing and get a zero output. Rows with ``seq_len == 0`` are padding rows.
 Ring layout per layer: ``[(num_slots + 1) * C, ring_heads, head_dim]`` with
 C = sink + recent; position j of a request in slot s lives at row
 ``s * C + (j if j < sink else sink + (j - sink) % recent)``.
+
+FP8 (``--kv-cache-dtype fp8``): the ring and the paged views are typed fp8 (e4m3fn or
+e5m2); stores write ``clamp(x / scale)`` rounded to nearest even (vLLM's
+``reshape_and_cache`` with the layer's ``_k_scale`` / ``_v_scale``), ring reads give
+``fp8 * scale``. The rounding is done in float32 bits before the cast (``_quantize``), so
+the cast is exact: Triton's interpreter drops the mantissa carry of fp32 -> fp8 casts.
 """
 
 from __future__ import annotations
@@ -51,6 +57,14 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+# fp8 storage formats a kernel takes as its RING_FP8 / PAGED_FP8 constexpr (0: no fp8)
+FP8_FORMATS = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
+
+
+def _fp8_format(x: torch.Tensor | None) -> int:
+    return 0 if x is None else FP8_FORMATS.get(x.dtype, 0)
+
+
 if HAVE_TRITON:
 
     @triton.jit
@@ -58,6 +72,34 @@ if HAVE_TRITON:
         """A scalar condition broadcast to ``like``'s shape (Triton's interpreter cannot
         combine a scalar mask with a block one)."""
         return (like * 0 + cond.to(tl.int32)) != 0
+
+    @triton.jit
+    def _round_fp8(y, MANT: tl.constexpr, TINY: tl.constexpr, MAGIC: tl.constexpr, FMAX: tl.constexpr):
+        """float32 ``y`` saturated to +-FMAX and rounded to nearest even on the grid of an fp8
+        format with MANT mantissa bits whose smallest normal is TINY (MAGIC = 1.5 * 2**23 *
+        the subnormal step): the result is exactly representable, so its cast is exact."""
+        y = tl.minimum(tl.maximum(y, -FMAX), FMAX)
+        SHIFT: tl.constexpr = 23 - MANT
+        bits = y.to(tl.int32, bitcast=True)
+        sign = (bits >> 31) << 31
+        # round the fp32 mantissa to MANT bits; a carry moves into the exponent, as it must
+        normal = ((bits + ((1 << (SHIFT - 1)) - 1) + ((bits >> SHIFT) & 1)) & (-(1 << SHIFT)))
+        # below TINY the fp8 step is fixed: adding MAGIC rounds |y| to a multiple of it (the
+        # sign put back by bits, so a tiny negative rounds to -0 as in a real cast)
+        sub = ((tl.abs(y) + MAGIC) - MAGIC).to(tl.int32, bitcast=True) | sign
+        r = tl.where(tl.abs(y) < TINY, sub, normal)
+        return r.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _quantize(x, scale, FMT: tl.constexpr):
+        """vLLM's scaled fp8 store of ``x``: clamp(x / scale) rounded to format FMT (1: e4m3fn,
+        2: e5m2), as float32 values the format holds exactly."""
+        y = x.to(tl.float32) / scale
+        if FMT == 1:
+            r = _round_fp8(y, 3, 0.015625, 24576.0, 448.0)
+        else:
+            r = _round_fp8(y, 2, 6.103515625e-05, 192.0, 57344.0)
+        return r
 
     @triton.jit
     def _find_row(qsl_ptr, t, num_rows):
@@ -88,13 +130,14 @@ if HAVE_TRITON:
     @triton.jit
     def _window_attention(
         q_ptr, k_ptr, v_ptr, ring_k_ptr, ring_v_ptr, t, q_heads, g_real, kv_head, ring_head,
-        real, q_start, ctx_start, pos, slot, scale,
+        real, q_start, ctx_start, pos, slot, scale, k_scale, v_scale,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_rr, stride_rh,
         SINK: tl.constexpr, RECENT: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-        DIM_PAD: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr,
+        DIM_PAD: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr, RING_FP8: tl.constexpr,
     ):
         """Lambda-window attention of one token's query heads of one KV head: [GROUP_PAD, DIM_PAD]
-        float32. Keys before ``ctx_start`` come from the ring slot, the others from this step's k/v."""
+        float32. Keys before ``ctx_start`` come from the ring slot, the others from this step's k/v;
+        an fp8 ring (RING_FP8) is read back as ``fp8 * k_scale`` / ``* v_scale``."""
         C: tl.constexpr = SINK + RECENT
         d = tl.arange(0, DIM_PAD)
         d_ok = d < HEAD_DIM
@@ -118,10 +161,13 @@ if HAVE_TRITON:
             kd = d_ok[None, :]
             k = tl.load(ring_k_ptr + ring_row[:, None] * stride_rr + ring_head * stride_rh + d[None, :],
                         mask=from_ring[:, None] & kd, other=0.0)
-            k += tl.load(k_ptr + tok_row[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
-                         mask=from_tok[:, None] & kd, other=0.0)
             v = tl.load(ring_v_ptr + ring_row[:, None] * stride_rr + ring_head * stride_rh + d[None, :],
                         mask=from_ring[:, None] & kd, other=0.0)
+            if RING_FP8:
+                k = (k.to(tl.float32) * k_scale).to(k_ptr.dtype.element_ty)
+                v = (v.to(tl.float32) * v_scale).to(v_ptr.dtype.element_ty)
+            k += tl.load(k_ptr + tok_row[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
+                         mask=from_tok[:, None] & kd, other=0.0)
             v += tl.load(v_ptr + tok_row[:, None] * stride_vt + kv_head * stride_vh + d[None, :],
                          mask=from_tok[:, None] & kd, other=0.0)
             if DOT_F32:
@@ -142,15 +188,20 @@ if HAVE_TRITON:
     @triton.jit
     def _ring_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, ring_k_ptr, ring_v_ptr, ring_src_ptr, alpha_ptr,
-        qsl_ptr, seq_lens_ptr, slot_ptr, num_rows, scale,
+        qsl_ptr, seq_lens_ptr, slot_ptr, num_rows, scale, k_scale_ptr, v_scale_ptr,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         stride_ot, stride_oh, stride_rr, stride_rh,
         SINK: tl.constexpr, RECENT: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_C: tl.constexpr, GATED: tl.constexpr,
-        DOT_F32: tl.constexpr,
+        DOT_F32: tl.constexpr, RING_FP8: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         ring_head = tl.program_id(1)
+        k_scale = 1.0
+        v_scale = 1.0
+        if RING_FP8:
+            k_scale = tl.load(k_scale_ptr).to(tl.float32)
+            v_scale = tl.load(v_scale_ptr).to(tl.float32)
         real, q_start, ctx_start, pos, seq_len, slot = _token_context(
             qsl_ptr, seq_lens_ptr, slot_ptr, t, num_rows)
         kv_head = tl.load(ring_src_ptr + ring_head).to(tl.int64)
@@ -162,9 +213,9 @@ if HAVE_TRITON:
         g_real = g_ok & _vec(real, g)
         res = _window_attention(
             q_ptr, k_ptr, v_ptr, ring_k_ptr, ring_v_ptr, t, q_heads, g_real, kv_head, ring_head,
-            real, q_start, ctx_start, pos, slot, scale,
+            real, q_start, ctx_start, pos, slot, scale, k_scale, v_scale,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_rr, stride_rh,
-            SINK, RECENT, GROUP_PAD, HEAD_DIM, DIM_PAD, BLOCK_C, DOT_F32)
+            SINK, RECENT, GROUP_PAD, HEAD_DIM, DIM_PAD, BLOCK_C, DOT_F32, RING_FP8)
         o_ptrs = out_ptr + t * stride_ot + q_heads[:, None] * stride_oh + d[None, :]
         o_mask = g_ok[:, None] & d_ok[None, :]
         if GATED:
@@ -179,12 +230,13 @@ if HAVE_TRITON:
         t, j, k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
         kc_ptr, vc_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
         slot_mapping_ptr, block_size, paged_src_ptr,
-        q_ptr, stride_qt, stride_qh, qf_ptr, stride_qft, stride_qfh,
+        q_ptr, stride_qt, stride_qh, qf_ptr, stride_qft, stride_qfh, k_scale, v_scale,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-        GATHER_Q: tl.constexpr,
+        GATHER_Q: tl.constexpr, PAGED_FP8: tl.constexpr,
     ):
-        """Paged head j of token t: store its key/value at slot_mapping[t]; with GATHER_Q also
-        copy its query heads into qf[t, j * GROUP : (j + 1) * GROUP] (zeros for a padding head)."""
+        """Paged head j of token t: store its key/value at slot_mapping[t] (an fp8 cache:
+        quantised with k_scale / v_scale); with GATHER_Q also copy its query heads into
+        qf[t, j * GROUP : (j + 1) * GROUP] (zeros for a padding head)."""
         d = tl.arange(0, DIM_PAD)
         d_ok = d < HEAD_DIM
         src = tl.load(paged_src_ptr + j).to(tl.int64)
@@ -195,6 +247,9 @@ if HAVE_TRITON:
         if cache_slot >= 0:
             kk = tl.load(k_ptr + t * stride_kt + src * stride_kh + d, mask=load, other=0.0)
             vv = tl.load(v_ptr + t * stride_vt + src * stride_vh + d, mask=load, other=0.0)
+            if PAGED_FP8:
+                kk = _quantize(kk, k_scale, PAGED_FP8)
+                vv = _quantize(vv, v_scale, PAGED_FP8)
             blk = cache_slot // block_size
             off = cache_slot % block_size
             tl.store(kc_ptr + blk * stride_kcb + off * stride_kcs + j * stride_kch + d,
@@ -213,10 +268,12 @@ if HAVE_TRITON:
     @triton.jit
     def _ring_write(
         t, ring_head, k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
-        ring_k_ptr, ring_v_ptr, stride_rr, stride_rh, ring_src_ptr, real, pos, seq_len, slot,
+        ring_k_ptr, ring_v_ptr, stride_rr, stride_rh, ring_src_ptr, real, pos, seq_len, slot, k_scale, v_scale,
         SINK: tl.constexpr, RECENT: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+        RING_FP8: tl.constexpr,
     ):
-        """Store token t's key/value of one streaming head in its ring row, if a later query reads it."""
+        """Store token t's key/value of one streaming head in its ring row, if a later query reads it
+        (an fp8 ring: quantised with k_scale / v_scale)."""
         d = tl.arange(0, DIM_PAD)
         d_ok = d < HEAD_DIM
         # only keys some later query reads: the sinks and the last `recent` positions
@@ -227,6 +284,9 @@ if HAVE_TRITON:
             row = slot * (SINK + RECENT) + ring_pos
             kk = tl.load(k_ptr + t * stride_kt + src * stride_kh + d, mask=d_ok, other=0.0)
             vv = tl.load(v_ptr + t * stride_vt + src * stride_vh + d, mask=d_ok, other=0.0)
+            if RING_FP8:
+                kk = _quantize(kk, k_scale, RING_FP8)
+                vv = _quantize(vv, v_scale, RING_FP8)
             tl.store(ring_k_ptr + row * stride_rr + ring_head * stride_rh + d,
                      kk.to(ring_k_ptr.dtype.element_ty), mask=d_ok)
             tl.store(ring_v_ptr + row * stride_rr + ring_head * stride_rh + d,
@@ -239,24 +299,31 @@ if HAVE_TRITON:
         slot_mapping_ptr, block_size, paged_src_ptr, num_paged,
         q_ptr, stride_qt, stride_qh, qf_ptr, stride_qft, stride_qfh,
         ring_k_ptr, ring_v_ptr, stride_rr, stride_rh, ring_src_ptr,
-        qsl_ptr, seq_lens_ptr, slot_ptr, num_rows,
+        qsl_ptr, seq_lens_ptr, slot_ptr, num_rows, k_scale_ptr, v_scale_ptr,
         SINK: tl.constexpr, RECENT: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, GATHER_Q: tl.constexpr,
+        PAGED_FP8: tl.constexpr, RING_FP8: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         j = tl.program_id(1)
+        k_scale = 1.0
+        v_scale = 1.0
+        if PAGED_FP8 or RING_FP8:
+            k_scale = tl.load(k_scale_ptr).to(tl.float32)
+            v_scale = tl.load(v_scale_ptr).to(tl.float32)
         if j < num_paged:
             _paged_write_and_gather(
                 t, j, k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
                 kc_ptr, vc_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 slot_mapping_ptr, block_size, paged_src_ptr, q_ptr, stride_qt, stride_qh,
-                qf_ptr, stride_qft, stride_qfh, GROUP, GROUP_PAD, HEAD_DIM, DIM_PAD, GATHER_Q)
+                qf_ptr, stride_qft, stride_qfh, k_scale, v_scale, GROUP, GROUP_PAD, HEAD_DIM, DIM_PAD, GATHER_Q,
+                PAGED_FP8)
         else:
             real, q_start, ctx_start, pos, seq_len, slot = _token_context(
                 qsl_ptr, seq_lens_ptr, slot_ptr, t, num_rows)
             _ring_write(t, j - num_paged, k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
                         ring_k_ptr, ring_v_ptr, stride_rr, stride_rh, ring_src_ptr, real, pos, seq_len,
-                        slot, SINK, RECENT, HEAD_DIM, DIM_PAD)
+                        slot, k_scale, v_scale, SINK, RECENT, HEAD_DIM, DIM_PAD, RING_FP8)
 
     @triton.jit
     def _decode_step_kernel(
@@ -265,19 +332,25 @@ if HAVE_TRITON:
         kc_ptr, vc_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
         slot_mapping_ptr, block_size, paged_src_ptr, num_paged, qf_ptr, stride_qft, stride_qfh,
         ring_k_ptr, ring_v_ptr, stride_rr, stride_rh, ring_src_ptr,
-        qsl_ptr, seq_lens_ptr, slot_ptr, num_rows, scale,
+        qsl_ptr, seq_lens_ptr, slot_ptr, num_rows, scale, k_scale_ptr, v_scale_ptr,
         SINK: tl.constexpr, RECENT: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_C: tl.constexpr, GATHER_Q: tl.constexpr,
-        DOT_F32: tl.constexpr,
+        DOT_F32: tl.constexpr, PAGED_FP8: tl.constexpr, RING_FP8: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
         j = tl.program_id(1)
+        k_scale = 1.0
+        v_scale = 1.0
+        if PAGED_FP8 or RING_FP8:
+            k_scale = tl.load(k_scale_ptr).to(tl.float32)
+            v_scale = tl.load(v_scale_ptr).to(tl.float32)
         if j < num_paged:
             _paged_write_and_gather(
                 t, j, k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
                 kc_ptr, vc_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 slot_mapping_ptr, block_size, paged_src_ptr, q_ptr, stride_qt, stride_qh,
-                qf_ptr, stride_qft, stride_qfh, GROUP, GROUP_PAD, HEAD_DIM, DIM_PAD, GATHER_Q)
+                qf_ptr, stride_qft, stride_qfh, k_scale, v_scale, GROUP, GROUP_PAD, HEAD_DIM, DIM_PAD, GATHER_Q,
+                PAGED_FP8)
         else:
             ring_head = j - num_paged
             # one query token per row: token t is row t (no search); rows past the real
@@ -296,9 +369,9 @@ if HAVE_TRITON:
             g_real = g_ok & _vec(real, g)
             res = _window_attention(
                 q_ptr, k_ptr, v_ptr, ring_k_ptr, ring_v_ptr, t, q_heads, g_real, kv_head, ring_head,
-                real, t, pos, pos, slot, scale,
+                real, t, pos, pos, slot, scale, k_scale, v_scale,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_rr, stride_rh,
-                SINK, RECENT, GROUP_PAD, HEAD_DIM, DIM_PAD, BLOCK_C, DOT_F32)
+                SINK, RECENT, GROUP_PAD, HEAD_DIM, DIM_PAD, BLOCK_C, DOT_F32, RING_FP8)
             res = tl.where(g_real[:, None], res, 0.0)
             o_mask = g_ok[:, None] & (d < HEAD_DIM)[None, :]
             tl.store(out_ptr + t * stride_ot + q_heads[:, None] * stride_oh + d[None, :],
@@ -307,7 +380,7 @@ if HAVE_TRITON:
             # and each row's one token is its only reader: writing after the reads is safe
             _ring_write(t, ring_head, k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
                         ring_k_ptr, ring_v_ptr, stride_rr, stride_rh, ring_src_ptr, real, pos, seq_len,
-                        slot, SINK, RECENT, HEAD_DIM, DIM_PAD)
+                        slot, k_scale, v_scale, SINK, RECENT, HEAD_DIM, DIM_PAD, RING_FP8)
 
 
 def _check_ring(ring_k: torch.Tensor, ring_v: torch.Tensor) -> None:
@@ -342,15 +415,28 @@ def ring_attention(
         if x.stride(-1) != 1:
             raise ValueError(f"{name} needs a contiguous head_dim")
     gated = alpha is not None
+    ks, vs, _, ring_fp8 = _fp8_args(k, pools, paged=False, ring=True)
     _ring_attention_kernel[(num_tokens, num_ring)](
         q, k, v, out, rk, rv, rs, alpha if gated else rs,
-        rows.query_start_loc, rows.seq_lens, rows.slot_ids, rows.num_rows, scale,
+        rows.query_start_loc, rows.seq_lens, rows.slot_ids, rows.num_rows, scale, ks, vs,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), rk.stride(0), rk.stride(1),
         SINK=pools.sink, RECENT=pools.recent, GROUP=group, GROUP_PAD=max(16, _next_pow2(group)),
         HEAD_DIM=head_dim, DIM_PAD=max(16, _next_pow2(head_dim)), BLOCK_C=32, GATED=gated,
-        DOT_F32=_interpreting(), num_warps=4,
+        DOT_F32=_interpreting(), RING_FP8=ring_fp8, num_warps=4,
     )
+
+
+def _fp8_args(k: torch.Tensor, pools: LayerPools, paged: bool, ring: bool) -> tuple:
+    """(k_scale, v_scale, paged format, ring format) for a kernel: the fp8 formats (0: none)
+    of the pools it touches, and the layer's scales (placeholders where neither is fp8)."""
+    paged_fmt = _fp8_format(pools.key_cache) if paged else 0
+    ring_fmt = _fp8_format(pools.ring_k) if ring else 0
+    if not (paged_fmt or ring_fmt):
+        return k, k, 0, 0
+    if pools.k_scale is None or pools.v_scale is None:
+        raise ValueError("an fp8 KV pool needs the layer's k_scale and v_scale")
+    return pools.k_scale, pools.v_scale, paged_fmt, ring_fmt
 
 
 def _paged_args(k: torch.Tensor, rows: StepRows, pools: LayerPools) -> tuple:
@@ -403,16 +489,17 @@ def fused_kv_write(
     qq, qf, group, gather = _gather_args(k, q, q_full)
     if num_tokens == 0 or num_paged + num_ring == 0:
         return
+    ks, vs, paged_fp8, ring_fp8 = _fp8_args(k, pools, paged=num_paged > 0, ring=num_ring > 0)
     _fused_kv_write_kernel[(num_tokens, num_paged + num_ring)](
         k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kc, vc, kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
         sm, bs, ps, num_paged,
         qq, qq.stride(0), qq.stride(1), qf, qf.stride(0), qf.stride(1),
         rk, rv, rk.stride(0), rk.stride(1), rs,
-        rows.query_start_loc, rows.seq_lens, rows.slot_ids, rows.num_rows,
+        rows.query_start_loc, rows.seq_lens, rows.slot_ids, rows.num_rows, ks, vs,
         SINK=pools.sink, RECENT=pools.recent, GROUP=group, GROUP_PAD=max(2, _next_pow2(group)),
         HEAD_DIM=head_dim, DIM_PAD=max(16, _next_pow2(head_dim)), GATHER_Q=gather,
-        num_warps=1,
+        PAGED_FP8=paged_fp8, RING_FP8=ring_fp8, num_warps=1,
     )
 
 
@@ -446,14 +533,15 @@ def decode_step(
     for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} needs a contiguous head_dim")
+    ks, vs, paged_fp8, ring_fp8 = _fp8_args(k, pools, paged=num_paged > 0, ring=num_ring > 0)
     _decode_step_kernel[(num_tokens, num_paged + num_ring)](
         q, k, v, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         kc, vc, kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
         sm, bs, ps, num_paged, qf, qf.stride(0), qf.stride(1),
         rk, rv, rk.stride(0), rk.stride(1), rs,
-        rows.query_start_loc, rows.seq_lens, rows.slot_ids, rows.num_rows, scale,
+        rows.query_start_loc, rows.seq_lens, rows.slot_ids, rows.num_rows, scale, ks, vs,
         SINK=pools.sink, RECENT=pools.recent, GROUP=group, GROUP_PAD=max(16, _next_pow2(group)),
         HEAD_DIM=head_dim, DIM_PAD=max(16, _next_pow2(head_dim)), BLOCK_C=32, GATHER_Q=gather,
-        DOT_F32=_interpreting(), num_warps=4,
+        DOT_F32=_interpreting(), PAGED_FP8=paged_fp8, RING_FP8=ring_fp8, num_warps=4,
     )

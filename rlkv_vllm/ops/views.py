@@ -50,6 +50,10 @@ class LayerPools:
         KV head of each ring head. None: the layer has no ring head.
     Position p of the request in slot s lives in ring row
     ``s * (sink + recent) + (p if p < sink else sink + (p - sink) % recent)``.
+    k_scale, v_scale: [] or [1] float32 device tensors, the layer's k/v scales (vLLM's
+        ``_k_scale`` / ``_v_scale``), given with an fp8 KV cache: the fp8 pools (paged views
+        and rings, typed fp8) store ``clamp(x / scale)`` and read back ``x * scale``. None:
+        the pools hold the compute dtype.
     """
 
     sink: int
@@ -60,6 +64,8 @@ class LayerPools:
     ring_k: torch.Tensor | None = None
     ring_v: torch.Tensor | None = None
     ring_src: torch.Tensor | None = None
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
     @property
     def window(self) -> int:

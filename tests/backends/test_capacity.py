@@ -29,3 +29,28 @@ def test_capacity_vs_ideal(sparsity, tiny_model, stock_capacity, tmp_path):
     assert tokens * plan.paged_bytes_per_token() + plan.ring_nbytes <= KV_BYTES
     assert tokens > stock_capacity
     assert tokens % block == 0
+
+
+def test_fp8_capacity_ratio(tiny_model, tmp_path):
+    """An fp8 KV cache: RLKV's capacity over stock fp8's is RLKV's ratio at the model dtype
+    (every paged and ring byte counts one byte per element), within this file's 3 %."""
+    from tests.backends.test_fp8 import fp8_unavailable, model_dtype
+
+    reason = fp8_unavailable()
+    if reason is not None:
+        pytest.skip(f"no fp8 KV cache here: {reason}")
+    pattern = write_pattern(str(tmp_path / "p.json"), random_gates(4, 4, seed=5))
+    caps = {}
+    for kv in ("auto", "fp8"):
+        with engine(tiny_model, dtype=model_dtype(), kv_cache_dtype=kv) as llm:
+            stock = kv_capacity_tokens(llm)
+        with engine(tiny_model, {"heads": pattern, "sparsity": 0.5}, dtype=model_dtype(), kv_cache_dtype=kv) as llm:
+            tokens = kv_capacity_tokens(llm)
+            plan = current_runtime().plan
+        caps[kv] = (stock, tokens, plan)
+    (stock_auto, rlkv_auto, plan_auto), (stock_fp8, rlkv_fp8, plan_fp8) = caps["auto"], caps["fp8"]
+    elem = plan_auto.stock_bytes_per_token() // plan_fp8.stock_bytes_per_token()  # 4 (fp32) or 2 (bf16)
+    assert stock_fp8 == pytest.approx(elem * stock_auto, rel=0.03), (stock_fp8, stock_auto)
+    assert plan_fp8.ring_slot_nbytes * elem == plan_auto.ring_slot_nbytes
+    assert rlkv_fp8 / stock_fp8 == pytest.approx(rlkv_auto / stock_auto, rel=0.03), caps
+    assert rlkv_fp8 * plan_fp8.paged_bytes_per_token() + plan_fp8.ring_nbytes <= KV_BYTES

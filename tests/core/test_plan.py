@@ -121,3 +121,40 @@ def test_plan_ring_slots_setting_and_with_slots():
     with pytest.raises(RLKVConfigError, match=r"^rlkv\.ring_slots = 9 is not allowed: must be at most "
                                               r"max_num_seqs = 8"):
         build_plan(replace(plan.settings, ring_slots=9), shape, max_num_seqs=8, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("name,kv", [("fp8", torch.float8_e4m3fn), ("fp8_e4m3", torch.float8_e4m3fn),
+                                     ("fp8_e5m2", torch.float8_e5m2)])
+def test_fp8_plan_bytes(name, kv):
+    """An fp8 KV cache: one byte per element in the paged cache, the ring and every count built
+    on them, so RLKV's fp8 capacity over stock fp8's is the same ratio as at the model dtype."""
+    from rlkv_vllm.core.plan import kv_storage_dtype
+
+    assert kv_storage_dtype(name, torch.bfloat16) == kv
+    assert kv_storage_dtype("auto", torch.bfloat16) == torch.bfloat16
+    with pytest.raises(ValueError):
+        kv_storage_dtype("fp8_inc", torch.bfloat16)
+    mask = np.array([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=bool)
+    shape = ModelShape(num_layers=3, num_kv_heads=4, num_q_heads=8, head_size=64)
+    settings = RLKVSettings(selection="explicit", sink=4, recent=12,
+                            full_heads=tuple((int(l), int(h)) for l, h in zip(*np.nonzero(mask))))
+    wide = build_plan(settings, shape, max_num_seqs=8, dtype=torch.bfloat16)
+    fp8 = build_plan(settings, shape, max_num_seqs=8, dtype=torch.bfloat16, kv_dtype=kv)
+    assert fp8.dtype == torch.bfloat16 and fp8.cache_dtype == kv and wide.cache_dtype == torch.bfloat16
+    assert fp8.paged_bytes_per_token() == (6 * 2 * 64 + 2) * 1 == wide.paged_bytes_per_token() // 2
+    assert fp8.ideal_bytes_per_token() * 2 == wide.ideal_bytes_per_token()
+    assert fp8.stock_bytes_per_token() == 12 * 2 * 64
+    assert fp8.ring_slot_nbytes * 2 == wide.ring_slot_nbytes
+    assert fp8.ring_nbytes == ring_bytes([2, 4, 0], 8, 16, 64, kv) == 9 * 16 * 6 * 2 * 64
+    # the capacity a budget gives (paged tokens after the ring), against stock at the same KV dtype
+    budget = 64 << 20
+
+    def ratio(plan):
+        return ((budget - plan.ring_nbytes) // plan.paged_bytes_per_token()) / (budget // plan.stock_bytes_per_token())
+
+    # equal up to the ring's share of the budget, which halves with it (so fp8's is no lower)
+    assert ratio(wide) <= ratio(fp8) <= ratio(wide) * 1.01
+    # the budget split: the same number of slots (every byte halves)
+    tokens = 512
+    assert budget_ring_slots(budget // 2, fp8.ring_slot_nbytes, fp8.paged_bytes_per_token(), tokens, 1000) == \
+        budget_ring_slots(budget, wide.ring_slot_nbytes, wide.paged_bytes_per_token(), tokens, 1000)

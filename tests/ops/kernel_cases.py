@@ -31,7 +31,8 @@ def embed_stream_heads(kernels: Any, extra_full: int, rng: random.Random, sink: 
         big_q[:, idx], big_k[:, idx], big_v[:, idx] = q, k, v
         big_out = torch.full_like(big_q, float("nan"))
         rows = StepRows(step.query_start_loc, step.seq_lens, step.slot_ids, max_query_len=step.max_query_len)
-        pools = LayerPools(sink=sink, recent=recent, ring_k=ring_k, ring_v=ring_v, ring_src=idx.to(torch.int32))
+        pools = LayerPools(sink=sink, recent=recent, ring_k=ring_k, ring_v=ring_v, ring_src=idx.to(torch.int32),
+                           k_scale=step.k_scale, v_scale=step.v_scale)
         if decode_fn is not None and step.max_query_len == 1:
             decode_fn(big_q.view(t, total * g, d), big_k, big_v, big_out.view(t, total * g, d), None, rows, pools,
                       scale)
@@ -48,10 +49,15 @@ def embed_stream_heads(kernels: Any, extra_full: int, rng: random.Random, sink: 
 
 
 def check_writes_and_gather(kernels: Any, decode_fn: DecodeFn | None, block_size: int, num_paged: int,
-                            num_full: int, seed: int, device: str) -> None:
+                            num_full: int, seed: int, device: str, kv_dtype: torch.dtype | None = None) -> None:
     """Full heads land at their slot_mapping rows of a strided paged cache (padding heads
     zeroed, -1 slots skipped) and their query heads in q_full (zeros for padding heads);
-    streaming heads land in their ring rows; nothing else moves."""
+    streaming heads land in their ring rows; nothing else moves.
+
+    kv_dtype fp8: the paged cache and the ring are fp8 and every stored key/value must be
+    bit for bit ``quantize_kv(x, scale)`` with random per-layer scales."""
+    from rlkv_vllm.ops.torch_stream import quantize_kv
+
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     d, sink, recent, group = 32, 2, 3, 3
@@ -62,7 +68,9 @@ def check_writes_and_gather(kernels: Any, decode_fn: DecodeFn | None, block_size
     full_heads, stream_heads = heads[:num_full], heads[num_full:]
     num_blocks = 6
     # vLLM's Triton layout: logical [blocks, heads, block_size, 2 * D], heads-last physical order
-    kv = torch.full((num_blocks, block_size, num_paged, 2 * d), float("nan")).transpose(1, 2)
+    fp8 = kv_dtype is not None
+    kv = torch.full((num_blocks, block_size, num_paged, 2 * d), float("nan"),
+                    dtype=kv_dtype or torch.float32).transpose(1, 2)
     if decode_fn is None:
         # two requests: a 7-token prefill chunk at positions 0..6 and a decode at position 9
         qsl = torch.tensor([0, 7, 8, 8], dtype=torch.int32)  # plus one padding row
@@ -88,8 +96,18 @@ def check_writes_and_gather(kernels: Any, decode_fn: DecodeFn | None, block_size
     slot_mapping[real:] = -1
     paged_src = torch.tensor(full_heads + [-1] * (num_paged - num_full), dtype=torch.int32)
     # earlier steps' keys (decode rows read them): random, so any stray write shows
-    ring_k = torch.randn(5 * c, num_stream, d, generator=gen)
-    ring_v = torch.randn(5 * c, num_stream, d, generator=gen)
+    ring_k = torch.randn(5 * c, num_stream, d, generator=gen).to(kv_dtype or torch.float32)
+    ring_v = torch.randn(5 * c, num_stream, d, generator=gen).to(kv_dtype or torch.float32)
+    k_scale = torch.tensor(rng.uniform(0.2, 2.0)) if fp8 else None
+    v_scale = torch.tensor(rng.uniform(0.2, 2.0)) if fp8 else None
+
+    def stored(x: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+        """What the cache must hold for x, as bytes (bit-exact comparison, NaN included)."""
+        y = quantize_kv(x, s, kv_dtype) if fp8 else x
+        return y.contiguous().view(torch.uint8)
+
+    def raw(x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous().view(torch.uint8)
     ring_src = torch.tensor(stream_heads, dtype=torch.int32)
     dev = lambda x: x.to(device)  # noqa: E731
     kv_d = dev(kv)
@@ -99,7 +117,8 @@ def check_writes_and_gather(kernels: Any, decode_fn: DecodeFn | None, block_size
     out = torch.full((t, h * group, d), float("nan"), device=device)
     rows = StepRows(dev(qsl), dev(seq_lens), dev(slot_ids), slot_mapping=dev(slot_mapping))
     pools = LayerPools(sink=sink, recent=recent, key_cache=key_cache, value_cache=value_cache,
-                       paged_src=dev(paged_src), ring_k=ring_k_d, ring_v=ring_v_d, ring_src=dev(ring_src))
+                       paged_src=dev(paged_src), ring_k=ring_k_d, ring_v=ring_v_d, ring_src=dev(ring_src),
+                       k_scale=dev(k_scale) if fp8 else None, v_scale=dev(v_scale) if fp8 else None)
     if decode_fn is None:
         kernels.fused_kv_write(dev(k), dev(v), rows, pools, q=dev(q), q_full=q_full)
     else:
@@ -120,16 +139,17 @@ def check_writes_and_gather(kernels: Any, decode_fn: DecodeFn | None, block_size
             want_k = k[tok, full_heads[j]] if full else torch.zeros(d)
             want_v = v[tok, full_heads[j]] if full else torch.zeros(d)
             want_q = q.view(t, h, group, d)[tok, full_heads[j]] if full else torch.zeros(group, d)
-            assert torch.equal(key_cache[b, o, j], want_k), f"seed {seed}: token {tok} head {j}"
-            assert torch.equal(value_cache[b, o, j], want_v), f"seed {seed}: token {tok} head {j}"
+            assert torch.equal(raw(key_cache[b, o, j]), stored(want_k, k_scale)), f"seed {seed}: token {tok} head {j}"
+            assert torch.equal(raw(value_cache[b, o, j]), stored(want_v, v_scale)), f"seed {seed}: token {tok} head {j}"
             assert torch.equal(qf[tok, j], want_q), f"seed {seed}: gathered query, token {tok} head {j}"
     if num_paged:
-        assert torch.isnan(key_cache[~written]).all() and torch.isnan(value_cache[~written]).all()
+        assert torch.isnan(key_cache[~written].float()).all() and torch.isnan(value_cache[~written].float()).all()
     rk, rv = ring_k_d.cpu(), ring_v_d.cpu()
     for row in range(rk.shape[0]):
         if row in expect:
             tok = expect[row]
-            assert torch.equal(rk[row], k[tok, stream_heads]), f"seed {seed}: ring row {row}"
-            assert torch.equal(rv[row], v[tok, stream_heads]), f"seed {seed}: ring row {row}"
+            assert torch.equal(raw(rk[row]), stored(k[tok, stream_heads], k_scale)), f"seed {seed}: ring row {row}"
+            assert torch.equal(raw(rv[row]), stored(v[tok, stream_heads], v_scale)), f"seed {seed}: ring row {row}"
         else:
-            assert torch.equal(rk[row], ring_k[row]) and torch.equal(rv[row], ring_v[row]), f"ring row {row} written"
+            assert torch.equal(raw(rk[row]), raw(ring_k[row])) and torch.equal(raw(rv[row]), raw(ring_v[row])), \
+                f"ring row {row} written"

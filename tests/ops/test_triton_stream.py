@@ -127,3 +127,37 @@ def test_writes_and_query_gather(kernels, kernel, block_size, num_paged, num_ful
     their ring rows; nothing else moves."""
     decode_fn = kernels.decode_step if kernel == "decode_step" else None
     check_writes_and_gather(kernels, decode_fn, block_size, num_paged, num_full, fresh_seed(), DEVICE)
+
+
+FP8 = [(torch.float8_e4m3fn, 0.05), (torch.float8_e5m2, 0.1)]  # (ring dtype, rel err vs the oracle)
+
+
+@pytest.mark.parametrize("path", ["split", "decode"])
+@pytest.mark.parametrize("kv_dtype,tol", FP8)
+@pytest.mark.parametrize("sink,recent,kv_heads,group", [(4, 8, 2, 3), (3, 5, 1, 7)] if not ON_GPU else
+                         [(4, 8, 2, 3), (16, 64, 2, 4), (3, 5, 1, 7), (1, 1, 4, 4)])
+def test_ring_kernels_fp8(kernels, path, kv_dtype, tol, sink, recent, kv_heads, group):
+    """fp8 rings with random per-layer scales: every step the kernels' ring rows are bit for
+    bit the PyTorch path's quantise (``torch_stream.quantize_kv``) and their outputs match its
+    dequantised attention; the whole run stays within fp8's error of the oracle."""
+    from tests.ops.test_torch_stream import torch_ring_step
+    from tests.stream_harness import paired
+
+    seed = fresh_seed()
+    case = Case(num_reqs=REQS, max_len=MAX_LEN, kv_heads=kv_heads, group=group, head_dim=DIMS[-1], sink=sink,
+                recent=recent, seed=seed, pad=True, max_chunk=24 if not ON_GPU else 40, kv_dtype=kv_dtype,
+                decode_steps=0.7 if path == "decode" else 0.0)
+    fn = embed_stream_heads(kernels, random.Random(seed).randint(0, 2), random.Random(seed), sink, recent,
+                            decode_fn=kernels.decode_step if path == "decode" else None)
+    err, n = run_case(case, paired(fn, torch_ring_step, 1e-4), DEVICE)
+    assert n > 0
+    assert err < tol, f"seed {seed}: rel err {err}"
+
+
+@pytest.mark.parametrize("kernel", ["fused_kv_write", "decode_step"])
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("num_paged,num_full", [(3, 3), (4, 2), (2, 0)])
+def test_writes_fp8(kernels, kernel, kv_dtype, num_paged, num_full):
+    """The paged and ring stores of an fp8 cache: ``quantize_kv`` bit for bit, at the same rows."""
+    decode_fn = kernels.decode_step if kernel == "decode_step" else None
+    check_writes_and_gather(kernels, decode_fn, 16, num_paged, num_full, fresh_seed(), DEVICE, kv_dtype=kv_dtype)
