@@ -141,7 +141,7 @@ def _check_model(vllm_config: Any, plan: Any) -> None:
         if cpu:
             problem = compat.cpu_fp8_kv_problem(plan.shape.head_size)
         else:
-            problem = _cuda_fp8_kv_problem(vllm_config, plan, kv_dtype)
+            problem = _cuda_fp8_kv_problem()
         if problem is not None:
             raise RLKVConfigError(f"kv_cache_dtype = {kv_dtype!r} is not allowed with RLKV here: {problem}; "
                                   "allowed: auto")
@@ -176,7 +176,7 @@ def _check_model(vllm_config: Any, plan: Any) -> None:
         )
 
 
-def _cuda_fp8_kv_problem(vllm_config: Any, plan: Any, kv_dtype: str) -> str | None:
+def _cuda_fp8_kv_problem() -> str | None:
     """Why the CUDA path cannot hold this fp8 KV cache (None if it can). The full heads run
     on TRITON_ATTN (``backends.cuda.flash_attn_unavailable_reason``), which needs SM89+."""
     if compat.fp8_cuda_capability_missing():
