@@ -1,7 +1,7 @@
 #!/bin/bash
 # Device side, one call: the steady-state reasoning-trace study (benchmarks/engine_study.py --steady) on the
-# Llama-8B-R1 shape (dummy bf16 weights) with the published RLKV pattern, stock and RLKV on the same (V1)
-# model runner. usage: bash scripts/gpu/steady_call.sh CONFIG [CONFIG...]
+# Llama-8B-R1 shape (dummy bf16 weights) with the published RLKV pattern, stock and RLKV on the same
+# model runner (vLLM's default, V2 on 0.26 GPUs; VLLM_USE_V2_MODEL_RUNNER=0 for V1; each result records it). usage: bash scripts/gpu/steady_call.sh CONFIG [CONFIG...]
 # carry: [".carry/sm90", ".carry/fi", ".carry/s", ".carry/data", ".cache/rlkv-cuda"]
 # Workload (WORKLOAD overrides it): gpu_memory_utilization 0.9, max_num_seqs 1024 (above what any config
 # holds), a closed loop of max_num_seqs + 25% requests, prompts 100-500, outputs from the reasoning
@@ -11,7 +11,6 @@ set -uo pipefail
 t0=$(date +%s)
 source scripts/gpu/setup.sh > $OUT/setup.log 2>&1 || { cat $OUT/setup.log; exit 1; }
 unset TRITON_F32_DEFAULT  # bf16 timing runs: vLLM's defaults
-export VLLM_USE_V2_MODEL_RUNNER=${VLLM_USE_V2_MODEL_RUNNER:-0}  # RLKV runs V1: stock on the same runner
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv | tee $OUT/gpu.txt
 echo "setup $(( $(date +%s) - t0 ))s"
 WORKLOAD=${WORKLOAD:---gpu-mem 0.9 --max-num-seqs 1024 --max-model-len 8704 --warmup-s 45 --window-s 90 --profile-steps 30 --profile-start 300}
