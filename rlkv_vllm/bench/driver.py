@@ -19,6 +19,7 @@ the supervisor can import it (for the tests) without them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -68,6 +69,16 @@ def engine_kwargs(s: BenchSettings, cfg: EngineConfig) -> dict[str, Any]:
     return kw
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchTokens:
+    """One scheduled batch: ``decode`` rows (one token each), ``prefill`` tokens (chunks of more than one
+    token), ``recompute``: the part of ``prefill`` that re-runs a preempted request's context."""
+
+    decode: int
+    prefill: int
+    recompute: int
+
+
 class SchedulerProbe:
     """Counts the scheduler's running requests at every batch that runs the model, and preemptions.
 
@@ -84,6 +95,7 @@ class SchedulerProbe:
             out = orig_schedule(*args, **kwargs)
             if getattr(out, "total_num_scheduled_tokens", 0) > 0:
                 self.running.append(len(scheduler.running))
+                self.batches.append(self._batch_tokens(out))
                 try:
                     self.waiting.append(len(scheduler.waiting))
                     self.kv_usage.append(float(scheduler.kv_cache_manager.usage))
@@ -96,6 +108,10 @@ class SchedulerProbe:
         if orig_preempt is not None:
             def preempt(*args: Any, **kwargs: Any) -> Any:
                 self.preemptions += 1
+                req = args[0] if args else kwargs.get("request")
+                rid = getattr(req, "request_id", None)
+                if rid is not None:
+                    self._recomputing.add(rid)
                 return orig_preempt(*args, **kwargs)
 
             scheduler._preempt_request = preempt
@@ -104,7 +120,27 @@ class SchedulerProbe:
         self.running: list[int] = []
         self.waiting: list[int] = []
         self.kv_usage: list[float] = []
+        self.batches: list[BatchTokens] = []
         self.preemptions = 0
+        self._recomputing: set[str] = set()  # preempted, their context not yet re-prefilled
+
+    def _batch_tokens(self, out: Any) -> "BatchTokens":
+        """What one scheduled batch holds: decode rows, prefill tokens, and the share of those that re-prefill
+        a preempted request (vLLM preempts by recompute: the request's whole context runs again)."""
+        per_req: dict[str, int] = getattr(out, "num_scheduled_tokens", None) or {}
+        decode = prefill = recompute = 0
+        for rid, n in per_req.items():
+            if n <= 1 and rid not in self._recomputing:
+                decode += 1
+                continue
+            if n <= 1:  # the re-prefill finished last batch: this is its first decode row again
+                self._recomputing.discard(rid)
+                decode += 1
+                continue
+            prefill += n
+            if rid in self._recomputing:
+                recompute += n
+        return BatchTokens(decode, prefill, recompute)
 
     @staticmethod
     def attach(llm: Any) -> "SchedulerProbe | None":
@@ -114,6 +150,45 @@ class SchedulerProbe:
         if sched is None or not hasattr(sched, "running"):
             return None
         return SchedulerProbe(sched)
+
+
+class StepSplit:
+    """The window's step times split by what the scheduler put in each step: decode rows only, or prefill
+    tokens beside them, and of those the tokens that re-prefill preempted requests (recompute). Answers
+    "where does the tail of the step come from" without a profiler, over every step of the window."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.decode_only: list[float] = []
+        self.with_prefill: list[float] = []
+        self.with_recompute: list[float] = []
+        self.decode_rows = self.prefill_tokens = self.recompute_tokens = 0
+
+    def add(self, step_s: float, batches: list[BatchTokens]) -> None:
+        self.steps += 1
+        prefill = sum(b.prefill for b in batches)
+        recompute = sum(b.recompute for b in batches)
+        self.decode_rows += sum(b.decode for b in batches)
+        self.prefill_tokens += prefill
+        self.recompute_tokens += recompute
+        (self.with_prefill if prefill else self.decode_only).append(step_s)
+        if recompute:
+            self.with_recompute.append(step_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        total = sum(self.decode_only) + sum(self.with_prefill)
+
+        def part(xs: list[float]) -> dict[str, Any]:
+            return dict(steps=len(xs), mean_s=mean(xs), p50_s=percentile(xs, 50), p90_s=percentile(xs, 90),
+                        share_of_time=sum(xs) / total if total > 0 else None)
+
+        return dict(decode_only=part(self.decode_only), with_prefill=part(self.with_prefill),
+                    with_recompute=part(self.with_recompute), decode_rows=self.decode_rows,
+                    prefill_tokens=self.prefill_tokens, recompute_tokens=self.recompute_tokens,
+                    recompute_share_of_prefill=(self.recompute_tokens / self.prefill_tokens
+                                                if self.prefill_tokens else None),
+                    rule="from the scheduler's batch: a request scheduled for more than one token is prefilling; "
+                         "recompute is prefill of a request preempted earlier")
 
 
 def percentile(xs: list[float], q: float) -> float | None:
@@ -274,7 +349,8 @@ def drive_steady(llm: Any, probe: SchedulerProbe | None, loop: Any, concurrency:
     w1 = w0 + window_s
     profiler: StepProfiler | None = None
     in_window = False
-    probe_at = 0
+    probe_at = preempt_at = 0
+    split = StepSplit()
     win = dict(tokens=0, steps=0, finished=0, decode_only_steps=0)
     step_s: list[float] = []
     decode_only_s: list[float] = []
@@ -291,6 +367,7 @@ def drive_steady(llm: Any, probe: SchedulerProbe | None, loop: Any, concurrency:
         if not in_window and now >= w0:
             in_window, prev = True, now
             probe_at = len(probe.running) if probe else 0
+            preempt_at = probe.preemptions if probe else 0
             if profile_steps:
                 profiler = StepProfiler(profile_start, profile_steps)
         if in_window and now >= w1:
@@ -298,6 +375,7 @@ def drive_steady(llm: Any, probe: SchedulerProbe | None, loop: Any, concurrency:
         if deadline is not None and time.time() > deadline:
             truncated = True
             break
+        batches_at = len(probe.batches) if probe else 0
         outs = profiled_step(engine, profiler)
         now = clock()
         prefilled = False
@@ -322,6 +400,8 @@ def drive_steady(llm: Any, probe: SchedulerProbe | None, loop: Any, concurrency:
         if in_window:
             win["steps"] += 1
             step_s.append(now - prev)
+            if probe:
+                split.add(now - prev, probe.batches[batches_at:])
             if not prefilled:
                 win["decode_only_steps"] += 1
                 decode_only_s.append(now - prev)
@@ -360,8 +440,11 @@ def drive_steady(llm: Any, probe: SchedulerProbe | None, loop: Any, concurrency:
         res.update(mean_running=mean(run), min_running=min(run), max_running=max(run),
                    mean_waiting=mean(probe.waiting[probe_at:]) if probe.waiting else None,
                    mean_kv_usage=mean(probe.kv_usage[probe_at:]) if probe.kv_usage else None,
-                   preemptions=probe.preemptions,
+                   preemptions=probe.preemptions - preempt_at,
+                   preemptions_warmup=preempt_at,
                    mean_running_source="scheduler: len(running) at each batch of the window")
+    if split.steps:
+        res["step_split"] = split.to_dict()
     if profiler and profiler.result:
         res["profile"] = profiler.result.to_dict()
     return res

@@ -38,6 +38,20 @@ def format_profiles(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def format_step_split(config: str, split: dict[str, Any]) -> str:
+    """One line: where a steady window's step time went, by what the scheduler put in the steps."""
+    d, p = split["decode_only"], split["with_prefill"]
+    share = split.get("recompute_share_of_prefill")
+    return (f"{config}: decode-only steps {d['steps']:,} (mean {fmt_ms(d['mean_s'])} ms, "
+            f"{_pct(d['share_of_time'])} of the time); steps with prefill {p['steps']:,} (mean {fmt_ms(p['mean_s'])} ms, "
+            f"{_pct(p['share_of_time'])}); {split['prefill_tokens']:,} prefill tokens, "
+            f"{_pct(share)} of them recompute of preempted requests")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f} %"
+
+
 def format_table(study: dict[str, Any]) -> str:
     """Readable figures and ratios (vs the first stock config) for an engine or latency study."""
     ratios = {r["config"]: r for r in study["ratios"]["rows"]}
@@ -61,6 +75,8 @@ def format_table(study: dict[str, Any]) -> str:
                 f"{fmt_ms(t.get('decode_step_mean_s')):>8} {_fnum(t.get('preemptions'), ',d'):>7} "
                 f"{_fnum(r.get('capacity_tokens'), ',d'):>10} | {_fx(q.get('output_tok_s')):>7} "
                 f"{_fx(q.get('mean_running')):>6} {_fx(q.get('step_mean')):>6} {_fx(q.get('capacity')):>6}")
+        lines.extend(format_step_split(r["config"], (r.get("steady") or {}).get("step_split"))
+                     for r in study["results"] if (r.get("steady") or {}).get("step_split"))
         lines.extend(format_profiles([{**r, "profile": (r.get("steady") or {}).get("profile")}
                                       for r in study["results"]]))
     elif study["study"] == "engine":

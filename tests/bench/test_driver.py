@@ -110,3 +110,57 @@ def test_drive_reports_progress_while_it_generates(monkeypatch: pytest.MonkeyPat
     assert [r["done"] for r in reports] == sorted(r["done"] for r in reports)
     assert reports[-1]["tokens"] <= res["output_tokens"] == 36
     assert len(reports) <= res["gen_s"] / 0.02 + 1  # one report per interval, not one per step
+
+
+def test_scheduler_probe_splits_decode_prefill_and_recompute() -> None:
+    """The probe reads each scheduled batch: one-token rows decode, longer ones prefill, and the prefill of a
+    request preempted earlier is recompute until that request decodes again."""
+    from types import SimpleNamespace
+
+    from rlkv_vllm.bench.driver import BatchTokens, SchedulerProbe, StepSplit
+
+    batches = iter([
+        {"a": 1, "b": 1, "c": 300},           # c: a fresh prompt
+        {"a": 1, "b": 1, "c": 1},
+        {"a": 1, "c": 1, "b": 2048},          # b was preempted (below) and re-prefills in two chunks
+        {"a": 1, "c": 1, "b": 1000},
+        {"a": 1, "c": 1, "b": 1},             # b decodes again: no longer recompute
+        {"a": 1, "c": 1, "b": 1},
+    ])
+
+    class FakeScheduler:
+        running: list[str] = ["a", "b", "c"]
+        waiting: list[str] = []
+
+        def schedule(self) -> SimpleNamespace:
+            per = next(batches)
+            return SimpleNamespace(num_scheduled_tokens=per, total_num_scheduled_tokens=sum(per.values()))
+
+        def _preempt_request(self, request: SimpleNamespace, timestamp: float) -> None:
+            pass
+
+    sched = FakeScheduler()
+    probe = SchedulerProbe(sched)
+    sched.schedule()
+    sched.schedule()
+    sched._preempt_request(SimpleNamespace(request_id="b"), 0.0)
+    for _ in range(4):
+        sched.schedule()
+    assert probe.preemptions == 1
+    assert probe.batches == [BatchTokens(2, 300, 0), BatchTokens(3, 0, 0), BatchTokens(2, 2048, 2048),
+                             BatchTokens(2, 1000, 1000), BatchTokens(3, 0, 0), BatchTokens(3, 0, 0)]
+    split = StepSplit()
+    for step_s, b in zip([0.02, 0.01, 0.05, 0.03, 0.01, 0.01], probe.batches):
+        split.add(step_s, [b])
+    d = split.to_dict()
+    assert d["decode_only"]["steps"] == 3 and d["with_prefill"]["steps"] == 3
+    assert d["with_recompute"]["steps"] == 2
+    assert d["prefill_tokens"] == 3348 and d["recompute_tokens"] == 3048
+    assert d["recompute_share_of_prefill"] == pytest.approx(3048 / 3348)
+    assert d["with_prefill"]["share_of_time"] == pytest.approx(0.10 / 0.13)
+    assert d["decode_only"]["mean_s"] == pytest.approx(0.01)
+    from rlkv_vllm.bench.report import format_step_split
+
+    line = format_step_split("rlkv:0.5", d)
+    assert line.startswith("rlkv:0.5: decode-only steps 3 (mean 10.00 ms, 23 % of the time)")
+    assert "3,348 prefill tokens, 91 % of them recompute" in line
