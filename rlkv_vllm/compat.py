@@ -381,6 +381,38 @@ def model_shape(vllm_config: Any) -> ModelShape:
     )
 
 
+def predicted_kv_budget(vllm_config: Any) -> tuple[int, str] | None:
+    """Where vLLM sizes the KV cache from ``gpu_memory_utilization`` after profiling: the budget (KV cache +
+    ring, per rank) predicted before model loading, and how, in words (``core.model_memory``); None where
+    it cannot be predicted (CPU, quantised or non-dense weights, pipeline parallelism, no device memory
+    figure), and the ring keeps max_num_seqs slots. NVML gives the device memory without initialising CUDA."""
+    from .core.model_memory import dense_decoder_params, predict_kv_budget
+
+    mc, par = vllm_config.model_config, vllm_config.parallel_config
+    if is_cpu_platform() or getattr(mc, "quantization", None) or int(getattr(par, "pipeline_parallel_size", 1)) > 1:
+        return None
+    try:
+        params = dense_decoder_params(mc.hf_text_config.to_dict())
+        from vllm.platforms import current_platform
+
+        device = int(current_platform.get_device_total_memory(0))
+        util = float(vllm_config.cache_config.gpu_memory_utilization)
+        import torch
+
+        elem = torch.empty((), dtype=mc.dtype).element_size()
+    except Exception:  # any figure missing: no prediction, the ring keeps max_num_seqs slots
+        return None
+    if params is None:
+        return None
+    weights = params * elem // max(1, int(getattr(par, "tensor_parallel_size", 1)))
+    budget = predict_kv_budget(device, util, weights)
+    if budget is None:
+        return None
+    gib = 1 << 30
+    return budget, (f"gpu_memory_utilization {util:g} x {device / gib:.1f} GiB - {weights / gib:.1f} GiB of "
+                    f"weights per rank = {budget / gib:.1f} GiB, before vLLM's activation peak")
+
+
 def model_dtype(vllm_config: Any) -> Any:
     return vllm_config.model_config.dtype
 

@@ -95,7 +95,9 @@ def check_engine_config(vllm_config: Any) -> None:
     if cpu and not getattr(cache, "kv_cache_memory_bytes", None) and not _fraction_asked:
         cache.kv_cache_memory_bytes = startup.pick_cpu_kv_budget(vllm_config, plan, compat.cpu_worker_free_memory())
     budget = getattr(cache, "kv_cache_memory_bytes", None) or None
-    plan = startup.size_ring_slots(vllm_config, plan, budget)
+    # no budget given: where vLLM sizes the cache after profiling, predict it for an "auto" ring
+    predicted = compat.predicted_kv_budget(vllm_config) if not budget and plan.settings.ring_slots == "auto" else None
+    plan = startup.size_ring_slots(vllm_config, plan, budget, predicted)
     # the settings as decided (ring_slots a number), so every worker builds the same ring
     vllm_config.additional_config = {**extra, "rlkv": plan.settings.to_dict()}
     if budget and plan.ring_nbytes:

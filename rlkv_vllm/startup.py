@@ -63,14 +63,16 @@ def pick_cpu_kv_budget(vllm_config: Any, plan: RLKVPlan, free: int) -> int:
     return budget
 
 
-def size_ring_slots(vllm_config: Any, plan: RLKVPlan, budget: int | None) -> RLKVPlan:
+def size_ring_slots(vllm_config: Any, plan: RLKVPlan, budget: int | None,
+                    predicted: tuple[int, str] | None = None) -> RLKVPlan:
     """The plan with its ring slots decided (``rlkv.ring_slots``), and vLLM's scheduler capped at them.
 
     A number: that many. "auto" with a KV budget (``kv_cache_memory_bytes``, or the one picked on
     CPU): as many requests as the budget holds at ``rlkv.slot_tokens`` each
     (``core.plan.budget_ring_slots``), at most max_num_seqs. "auto" where vLLM sizes the paged
     cache itself after profiling (``--gpu-memory-utilization``): the budget is not known before
-    the ring is allocated (inside model loading), so max_num_seqs slots, as before.
+    the ring is allocated (inside model loading), so ``predicted`` (``compat.predicted_kv_budget``:
+    bytes and how they were predicted) sizes it the same way; without a prediction, max_num_seqs slots.
     With fewer slots than max_num_seqs, vLLM runs at most that many requests at once and the
     others wait in its queue (``compat.cap_running_requests``); the settings written back
     carry the number, so every worker builds the same ring.
@@ -84,18 +86,20 @@ def size_ring_slots(vllm_config: Any, plan: RLKVPlan, budget: int | None) -> RLK
         )
     if st.ring_slots != "auto":
         slots, by = int(st.ring_slots), "rlkv.ring_slots"
-    elif not budget:
+    elif not budget and not predicted:
         slots, by = plan.max_num_seqs, ("max_num_seqs (rlkv.ring_slots auto: vLLM sizes the KV cache after "
                                         "profiling; set --kv-cache-memory-bytes or rlkv.ring_slots to size the ring)")
     else:
         block = compat.block_size(vllm_config)
         tokens = int(st.slot_tokens) if st.slot_tokens != "auto" else max(1, int(max_len * AUTO_SLOT_TOKENS_FRACTION))
         tokens = -(-tokens // block) * block
-        slots = budget_ring_slots(budget, plan.ring_slot_nbytes, plan.paged_bytes_per_token(), tokens,
+        size = budget or predicted[0]
+        slots = budget_ring_slots(size, plan.ring_slot_nbytes, plan.paged_bytes_per_token(), tokens,
                                   plan.max_num_seqs)
         asked = (f"auto: max_model_len x {AUTO_SLOT_TOKENS_FRACTION:g}" if st.slot_tokens == "auto"
                  else st.slot_tokens)
-        fits = f"the KV budget holds {slots} requests of {tokens} tokens (rlkv.slot_tokens = {asked})"
+        which = "the KV budget" if budget else f"the predicted KV budget ({predicted[1]})"
+        fits = f"{which} holds {slots} requests of {tokens} tokens (rlkv.slot_tokens = {asked})"
         by = f"max_num_seqs ({fits} or more)" if slots == plan.max_num_seqs else f"budget: {fits}"
     plan = plan.with_slots(slots, by)
     if slots < plan.max_num_seqs:

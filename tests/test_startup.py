@@ -117,3 +117,43 @@ def test_fp8_sizes_slots_at_one_byte_and_says_so():
     lines = startup.summary_lines(sized, cpu=False, budget=4 << 20)
     assert any("512 B/token vs stock 1024, KV float8_e4m3fn" in line for line in lines), lines
     assert any("full heads triton (fp8 KV)" in line and "decode step triton" in line for line in lines), lines
+
+
+def test_a_predicted_budget_sizes_an_auto_ring_and_says_how():
+    """--gpu-memory-utilization: vLLM sizes the cache after the ring exists, so the ring is sized from the
+    predicted budget (compat.predicted_kv_budget) exactly as from a given one, and the reason says so."""
+    cfg = _config()
+    plan = startup.size_ring_slots(cfg, _plan(slot_tokens=512), None, (4 << 20, "0.9 x 80 GiB - weights"))
+    assert plan.num_slots == 3 and cfg.scheduler_config.max_num_active_seqs == 3
+    assert plan.slots_by.startswith("budget: the predicted KV budget (0.9 x 80 GiB - weights) holds 3 requests")
+    given = startup.size_ring_slots(_config(), _plan(slot_tokens=512), 4 << 20, (64 << 20, "ignored"))
+    assert given.num_slots == 3 and "predicted" not in given.slots_by  # a given budget wins
+    fixed = startup.size_ring_slots(_config(), _plan(ring_slots=2), None, (64 << 20, "ignored"))
+    assert fixed.num_slots == 2
+
+
+def test_compat_predicts_the_budget_from_device_memory_and_weights(monkeypatch):
+    """On a GPU: utilization x NVML's device memory - the dense weights per rank; None where any figure is
+    missing or the weights are quantised (the ring then keeps max_num_seqs slots)."""
+    from vllm.platforms import current_platform
+
+    hf = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    params = 1000 * 64 * 2 + 2 * (64 * 64 * 2 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64
+
+    def config(quantization=None, tp=2, pp=1):
+        return SimpleNamespace(
+            model_config=SimpleNamespace(hf_text_config=SimpleNamespace(to_dict=lambda: hf), dtype=torch.bfloat16,
+                                         quantization=quantization),
+            parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp),
+            cache_config=SimpleNamespace(gpu_memory_utilization=0.5))
+
+    assert compat.predicted_kv_budget(config()) is None  # this machine is the CPU platform
+    monkeypatch.setattr(compat, "is_cpu_platform", lambda: False)
+    monkeypatch.setattr(type(current_platform), "get_device_total_memory", classmethod(lambda cls, i=0: 8 << 30),
+                        raising=False)
+    budget, how = compat.predicted_kv_budget(config())
+    assert budget == (4 << 30) - params * 2 // 2
+    assert how.startswith("gpu_memory_utilization 0.5 x 8.0 GiB - 0.0 GiB of weights per rank")
+    assert compat.predicted_kv_budget(config(quantization="fp8")) is None
+    assert compat.predicted_kv_budget(config(pp=2)) is None

@@ -50,8 +50,8 @@ class RLKVSettings:
     decode_kernel: the one-launch write + ring kernel of decode batches (kernel "triton"):
         "triton", "cuda" (csrc/rlkv_decode.cu), or "auto" (see runtime.resolve_decode_kernel).
     ring_slots: streaming-ring slots, one per running request: "auto" (as many requests as the
-        KV budget holds at ``slot_tokens`` each, at most max_num_seqs; see
-        ``core.plan.budget_ring_slots``) or a number, at most max_num_seqs. Fewer slots than
+        KV budget holds at ``slot_tokens`` each, at most max_num_seqs; the budget is predicted where
+        vLLM sizes it from gpu_memory_utilization; see ``core.plan.budget_ring_slots``) or a number, at most max_num_seqs. Fewer slots than
         max_num_seqs cap vLLM's running requests at the slot count; the rest wait.
     slot_tokens: the request length "auto" sizes the ring for: "auto" (max_model_len / 4) or
         a number of tokens, at most max_model_len.
@@ -110,7 +110,7 @@ SETTING_MEANINGS: dict[str, str] = {
     "decode_kernel": "CUDA, the one-launch decode step: `triton` (what `auto` runs) or `cuda` "
                      "(`csrc/rlkv_decode.cu`, opt-in: slower so far; no fp8 path, Triton's runs instead)",
     "ring_slots": "streaming-ring slots (one per running request): `auto` (the requests the KV budget holds at "
-                  "`slot_tokens` each, at most max_num_seqs) or a number <= max_num_seqs; running requests are "
+                  "`slot_tokens` each, at most max_num_seqs; predicted under `--gpu-memory-utilization`) or a number <= max_num_seqs; running requests are "
                   "capped at it, the rest wait",
     "slot_tokens": "the request length `auto` ring slots are sized for: `auto` (max_model_len / 4) or tokens "
                    "<= max_model_len",
