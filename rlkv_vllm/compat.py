@@ -386,6 +386,9 @@ def predicted_kv_budget(vllm_config: Any) -> tuple[int, str] | None:
     ring, per rank) predicted before model loading, and how, in words (``core.model_memory``); None where
     it cannot be predicted (CPU, quantised or non-dense weights, pipeline parallelism, no device memory
     figure), and the ring keeps max_num_seqs slots. NVML gives the device memory without initialising CUDA."""
+    import torch
+    from vllm.platforms import current_platform
+
     from .core.model_memory import dense_decoder_params, predict_kv_budget
 
     mc, par = vllm_config.model_config, vllm_config.parallel_config
@@ -393,12 +396,8 @@ def predicted_kv_budget(vllm_config: Any) -> tuple[int, str] | None:
         return None
     try:
         params = dense_decoder_params(mc.hf_text_config.to_dict())
-        from vllm.platforms import current_platform
-
         device = int(current_platform.get_device_total_memory(0))
         util = float(vllm_config.cache_config.gpu_memory_utilization)
-        import torch
-
         elem = torch.empty((), dtype=mc.dtype).element_size()
     except Exception:  # any figure missing: no prediction, the ring keeps max_num_seqs slots
         return None

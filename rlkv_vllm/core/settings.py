@@ -51,8 +51,9 @@ class RLKVSettings:
         "triton", "cuda" (csrc/rlkv_decode.cu), or "auto" (see runtime.resolve_decode_kernel).
     ring_slots: streaming-ring slots, one per running request: "auto" (as many requests as the
         KV budget holds at ``slot_tokens`` each, at most max_num_seqs; the budget is predicted where
-        vLLM sizes it from gpu_memory_utilization; see ``core.plan.budget_ring_slots``) or a number, at most max_num_seqs. Fewer slots than
-        max_num_seqs cap vLLM's running requests at the slot count; the rest wait.
+        vLLM sizes it from gpu_memory_utilization; see ``core.plan.budget_ring_slots``) or a
+        number, at most max_num_seqs. Fewer slots than max_num_seqs cap vLLM's running requests
+        at the slot count; the rest wait.
     slot_tokens: the request length "auto" sizes the ring for: "auto" (max_model_len / 4) or
         a number of tokens, at most max_model_len.
     permute_heads: serve mode: reorder each layer's KV heads (with their query heads) once
@@ -110,8 +111,8 @@ SETTING_MEANINGS: dict[str, str] = {
     "decode_kernel": "CUDA, the one-launch decode step: `triton` (what `auto` runs) or `cuda` "
                      "(`csrc/rlkv_decode.cu`, opt-in: slower so far; no fp8 path, Triton's runs instead)",
     "ring_slots": "streaming-ring slots (one per running request): `auto` (the requests the KV budget holds at "
-                  "`slot_tokens` each, at most max_num_seqs; predicted under `--gpu-memory-utilization`) or a number <= max_num_seqs; running requests are "
-                  "capped at it, the rest wait",
+                  "`slot_tokens` each, at most max_num_seqs; predicted under `--gpu-memory-utilization`) "
+                  "or a number <= max_num_seqs; running requests are capped at it, the rest wait",
     "slot_tokens": "the request length `auto` ring slots are sized for: `auto` (max_model_len / 4) or tokens "
                    "<= max_model_len",
     "permute_heads": "serve mode: reorder each layer's heads once at weight load, full heads first (QKV rows, "
