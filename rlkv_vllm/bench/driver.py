@@ -472,6 +472,7 @@ def rlkv_plan_figures() -> dict[str, Any]:
     plan = current_runtime().plan
     return dict(full_heads=int(plan.mask.sum()), total_heads=int(plan.mask.size),
                 sparsity_actual=float(plan.sparsity_actual), ring_bytes=int(plan.ring_nbytes),
+                ring_slots=int(plan.num_slots), ring_slots_by=str(plan.slots_by),
                 paged_bytes_per_token=int(plan.paged_bytes_per_token()),
                 ideal_bytes_per_token=int(plan.ideal_bytes_per_token()),
                 stock_bytes_per_token=int(plan.stock_bytes_per_token()),

@@ -16,7 +16,10 @@ from typing import Any
 
 # config keys that make a model something else than a dense decoder: experts, hybrid or multimodal layers
 _NOT_DENSE = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size",
-              "layer_types", "vision_config", "text_config", "linear_attn_config")
+              "vision_config", "text_config", "linear_attn_config")
+# per-layer kinds a dense decoder may list: transformers' Qwen2/Qwen3 configs carry ``layer_types`` (all
+# "full_attention" unless sliding windows are on), so the key alone does not mean a hybrid
+_DENSE_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
 def dense_decoder_params(config: dict[str, Any]) -> int | None:
@@ -31,6 +34,8 @@ def dense_decoder_params(config: dict[str, Any]) -> int | None:
     """
     if any(config.get(k) for k in _NOT_DENSE):
         return None
+    if not set(config.get("layer_types") or ()) <= _DENSE_LAYER_TYPES:
+        return None  # hybrid layers (linear attention, mamba, ...)
     try:
         v, h, inter = int(config["vocab_size"]), int(config["hidden_size"]), int(config["intermediate_size"])
         layers, hq = int(config["num_hidden_layers"]), int(config["num_attention_heads"])

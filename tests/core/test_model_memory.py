@@ -26,6 +26,16 @@ def test_counts_the_published_shapes_exactly(name: str) -> None:
     assert dense_decoder_params(config) == KNOWN[name]
 
 
+@pytest.mark.skipif(not os.path.isdir(SHAPES), reason="../shared/data/model-shapes is not beside the checkout")
+@pytest.mark.parametrize("name", sorted(KNOWN))
+def test_counts_the_config_as_vllm_hands_it(name: str) -> None:
+    """vLLM passes ``hf_text_config.to_dict()``: transformers adds keys the file lacks (Qwen2/Qwen3 get
+    ``layer_types``, all "full_attention"), and those must not read as a hybrid model."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.from_pretrained(os.path.join(SHAPES, name)).get_text_config().to_dict()
+    assert dense_decoder_params(config) == KNOWN[name]
+
+
 def test_not_a_dense_decoder_is_not_guessed() -> None:
     base = {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
             "num_attention_heads": 4}
@@ -33,6 +43,8 @@ def test_not_a_dense_decoder_is_not_guessed() -> None:
     assert dense_decoder_params({**base, "num_local_experts": 8}) is None  # Mixtral-style experts
     assert dense_decoder_params({**base, "n_routed_experts": 64}) is None
     assert dense_decoder_params({k: v for k, v in base.items() if k != "intermediate_size"}) is None
+    assert dense_decoder_params({**base, "layer_types": ["full_attention", "full_attention"]}) is not None
+    assert dense_decoder_params({**base, "layer_types": ["linear_attention", "full_attention"]}) is None
 
 
 def test_predicted_budget() -> None:
