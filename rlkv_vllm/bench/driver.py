@@ -82,8 +82,14 @@ class BatchTokens:
 class SchedulerProbe:
     """Counts the scheduler's running requests at every batch that runs the model, and preemptions.
 
-    Wraps the in-process scheduler's ``schedule`` and ``_preempt_request`` on the instance
-    (the engine core calls both through ``self``), so no vLLM class is changed.
+    Wraps the in-process scheduler's ``schedule``, ``update_from_output`` and ``_preempt_request`` on the
+    instance (the engine core calls them through ``self``), so no vLLM class is changed.
+
+    ``batches``: what each batch holds, in the order they were scheduled. ``completed``: the same figures in
+    the order their outputs came back (``update_from_output``). A timed ``engine.step()`` returns when a batch
+    completes, so step times belong to ``completed``: with async scheduling (vLLM's batch queue of 2) a step
+    schedules batch k and then waits for batch k-1, and attributing its time to batch k would hand every
+    prefill step's cost to the decode step after it.
     """
 
     def __init__(self, scheduler: Any) -> None:
@@ -95,7 +101,9 @@ class SchedulerProbe:
             out = orig_schedule(*args, **kwargs)
             if getattr(out, "total_num_scheduled_tokens", 0) > 0:
                 self.running.append(len(scheduler.running))
-                self.batches.append(self._batch_tokens(out))
+                batch = self._batch_tokens(out)
+                self.batches.append(batch)
+                self._in_flight[id(out)] = batch
                 try:
                     self.waiting.append(len(scheduler.waiting))
                     self.kv_usage.append(float(scheduler.kv_cache_manager.usage))
@@ -104,6 +112,15 @@ class SchedulerProbe:
             return out
 
         scheduler.schedule = schedule
+        orig_update = getattr(scheduler, "update_from_output", None)
+        if orig_update is not None:
+            def update_from_output(scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+                batch = self._in_flight.pop(id(scheduler_output), None)
+                if batch is not None:
+                    self.completed.append(batch)
+                return orig_update(scheduler_output, *args, **kwargs)
+
+            scheduler.update_from_output = update_from_output
         orig_preempt = getattr(scheduler, "_preempt_request", None)
         if orig_preempt is not None:
             def preempt(*args: Any, **kwargs: Any) -> Any:
@@ -121,6 +138,8 @@ class SchedulerProbe:
         self.waiting: list[int] = []
         self.kv_usage: list[float] = []
         self.batches: list[BatchTokens] = []
+        self.completed: list[BatchTokens] = []
+        self._in_flight: dict[int, BatchTokens] = {}  # id(scheduler output) -> its figures, until it completes
         self.preemptions = 0
         self._recomputing: set[str] = set()  # preempted, their context not yet re-prefilled
 
@@ -374,7 +393,7 @@ def drive_steady(llm: Any, probe: SchedulerProbe | None, loop: Any, concurrency:
         if deadline is not None and time.time() > deadline:
             truncated = True
             break
-        batches_at = len(probe.batches) if probe else 0
+        completed_at = len(probe.completed) if probe else 0
         outs = profiled_step(engine, profiler)
         now = clock()
         prefilled = False
@@ -400,7 +419,7 @@ def drive_steady(llm: Any, probe: SchedulerProbe | None, loop: Any, concurrency:
             win["steps"] += 1
             step_s.append(now - prev)
             if probe:
-                split.add(now - prev, probe.batches[batches_at:])
+                split.add(now - prev, probe.completed[completed_at:])  # the batches this step waited for
             if not prefilled:
                 win["decode_only_steps"] += 1
                 decode_only_s.append(now - prev)

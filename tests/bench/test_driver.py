@@ -164,3 +164,97 @@ def test_scheduler_probe_splits_decode_prefill_and_recompute() -> None:
     line = format_step_split("rlkv:0.5", d)
     assert line.startswith("rlkv:0.5: decode-only steps 3 (mean 10.00 ms, 23 % of the time)")
     assert "3,348 prefill tokens, 91 % of them recompute" in line
+
+
+class _AsyncScheduledEngine:
+    """LLMEngine with vLLM's async scheduling (a batch queue of two), just enough for drive_steady: a step
+    schedules batch k (admitting waiting requests, whose prompts make it a prefill batch), then waits for
+    batch k-1 (sleeps its duration: ``prefill_s`` if it prefilled, else ``decode_s``) and returns its
+    tokens. The scheduler is a separate object with ``schedule``/``update_from_output``, as in vLLM."""
+
+    def __init__(self, cap: int, prefill_s: float, decode_s: float) -> None:
+        from types import SimpleNamespace
+
+        self.prefill_s, self.decode_s = prefill_s, decode_s
+        self.left: dict[str, int] = {}
+        self.prompt: dict[str, int] = {}
+        self.queue: list[Any] = []
+        engine = self
+
+        class Scheduler:
+            running: list[str] = []
+            waiting: list[str] = []
+
+            def schedule(self) -> Any:
+                admitted = []
+                while self.waiting and len(self.running) < cap:
+                    admitted.append(self.waiting.pop(0))
+                    self.running.append(admitted[-1])
+                per = {r: (engine.prompt[r] if r in admitted else 1) for r in self.running}
+                return SimpleNamespace(num_scheduled_tokens=per, total_num_scheduled_tokens=sum(per.values()))
+
+            def update_from_output(self, scheduler_output: Any, model_output: Any) -> None:
+                pass
+
+        self.scheduler = Scheduler()
+
+    def add_request(self, rid: str, prompt: dict, params: Any) -> None:
+        self.scheduler.waiting.append(rid)
+        self.left[rid] = params.max_tokens
+        self.prompt[rid] = max(2, len(prompt["prompt_token_ids"]))
+
+    def abort_request(self, rids: list[str]) -> None:
+        for r in rids:
+            self.left.pop(r, None)
+            for q in (self.scheduler.waiting, self.scheduler.running):
+                if r in q:
+                    q.remove(r)
+        self.queue.clear()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.left)
+
+    def step(self) -> list[Any]:
+        import time
+        from types import SimpleNamespace
+
+        self.queue.append(self.scheduler.schedule())
+        if len(self.queue) < 2:
+            return []
+        done = self.queue.pop(0)  # batch k-1: its time is what this call waits for
+        per = done.num_scheduled_tokens
+        time.sleep(self.prefill_s if any(n > 1 for n in per.values()) else self.decode_s)
+        self.scheduler.update_from_output(done, None)
+        outs = []
+        for r in per:
+            if r not in self.left:
+                continue
+            self.left[r] -= 1
+            outs.append(SimpleNamespace(request_id=r, outputs=[SimpleNamespace(token_ids=[1])],
+                                        finished=self.left[r] == 0))
+            if self.left[r] == 0:
+                del self.left[r]
+                self.scheduler.running.remove(r)
+        return outs
+
+
+def test_step_split_times_the_batch_each_step_waited_for() -> None:
+    """With async scheduling a step schedules batch k and returns when batch k-1 is done: the split must
+    give each step's time to batch k-1 (``SchedulerProbe.completed``). Classified by the batch just
+    scheduled, every slow prefill step's time would land on the decode-only step after it."""
+    from types import SimpleNamespace
+
+    from rlkv_vllm.bench.driver import SchedulerProbe, drive_steady
+    from rlkv_vllm.bench.workload import ClosedLoop, OutputLengths
+
+    eng = _AsyncScheduledEngine(cap=4, prefill_s=0.03, decode_s=0.003)
+    probe = SchedulerProbe(eng.scheduler)
+    loop = ClosedLoop(OutputLengths.fixed(6), 2, 4, 64, seed=0)
+    res = drive_steady(SimpleNamespace(llm_engine=eng), probe, loop, concurrency=6, primed=0, vocab=100,
+                       make_params=lambda n: SimpleNamespace(max_tokens=n), warmup_s=0.05, window_s=0.5,
+                       deadline=None)
+    split = res["step_split"]
+    assert split["decode_only"]["steps"] >= 10 and split["with_prefill"]["steps"] >= 5
+    assert split["decode_only"]["p90_s"] < 0.015, split["decode_only"]
+    assert split["with_prefill"]["p50_s"] >= 0.03, split["with_prefill"]
+    assert len(probe.completed) <= len(probe.batches) <= len(probe.completed) + 2
