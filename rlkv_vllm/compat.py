@@ -63,8 +63,10 @@ What moves between releases and how it is handled:
   checkpoint scales after loading, ``calculate_kv_scales`` on the first pass), the fp8 type
   the CUDA backends view a paged cache as (``current_platform.fp8_dtype()``: the stock readers
   view every fp8 name so, fp8_e5m2 included, in 0.26), the CPU kernels' fp8 rules (head size a
-  multiple of 32, AVX-512 or AMX), and ``supports_quant_query_input``, which RLKV turns off so
-  the layer never hands it fp8 queries (the ring attends in the model dtype).
+  multiple of 32, AVX-512 or AMX), and ``supports_quant_query_input``: RLKV keeps the stock answer
+  only on the FlashAttention base with fp8/fp8_e4m3 (FA3's fp8 kernel takes fp8 queries with
+  ``q_descale = _q_scale``; ``query_quant_applies``, ``dequantize_query`` gives the ring its
+  model-dtype copy) and turns it off elsewhere (0.26's layer asserts e4m3 once it quantises).
 - logs: the plugin logs through a child of vLLM's logger; on CPU the platform's
   misleading "Cannot use CUSTOM backend on CPU" line is replaced by what really runs.
 """
@@ -430,6 +432,24 @@ def kv_cache_dtype_name(vllm_config: Any) -> str:
 def layer_kv_scales(layer: Any) -> tuple[Any, Any]:
     """The layer's (k_scale, v_scale): [] float32 device tensors, updated in place by vLLM."""
     return layer._k_scale, layer._v_scale
+
+
+def query_quant_applies(kv_cache_dtype: str | None) -> bool:
+    """Whether vLLM's attention layer quantises the queries for this cache (given an impl that takes them):
+    fp8 / fp8_e4m3 only. 0.26's layer builds the quantiser for any fp8 name and then asserts e4m3, so an
+    e5m2 cache must never ask for it (measured on the H200, 2026-12-03)."""
+    return str(kv_cache_dtype or "auto") in ("fp8", "fp8_e4m3")
+
+
+def dequantize_query(layer: Any, q: Any, dtype: Any) -> Any:
+    """The model-dtype queries from the fp8 ones vLLM's layer made (``query_quant`` with the layer's static
+    ``_q_scale``, a [] or per-KV-head float32 device tensor): ``q * _q_scale``. q: [T, H, D]."""
+    import torch
+
+    scale = layer._q_scale
+    if scale.numel() > 1:  # per KV head: [H_kv] -> one factor per query head
+        scale = scale.repeat_interleave(q.shape[1] // scale.numel()).view(1, -1, 1)
+    return (q.to(torch.float32) * scale).to(dtype)
 
 
 def paged_fp8_dtype() -> Any:

@@ -77,6 +77,10 @@ class RLKVRuntime:
         rows = max(self.plan.max_num_seqs, int(getattr(sched, "max_num_batched_tokens", 0) or 0)) + 1
         self.slot_buffer = torch.full((rows,), self.plan.num_slots, dtype=torch.int32, device=self.device)
         self.preemptions_seen = 0
+        # set by the attention impls when they bind: what runs the full heads, and whether vLLM hands
+        # them fp8 queries (FA3 with an fp8 cache)
+        self.full_kernel: str | None = None
+        self.fp8_queries = False
         self.metrics.on_slots(self.slots)
         if self.serve and self.settings.permute_heads == "auto" and not self.permute_heads:
             logger.info("RLKV permute_heads auto: off, sleep mode is enabled (a level-2 wake reloads the weights "

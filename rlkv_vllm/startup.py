@@ -163,8 +163,9 @@ def summary_lines(plan: RLKVPlan, *, cpu: bool, budget: int | None) -> list[str]
         kernel = resolve_kernel(st.kernel, torch.device("cuda"))
         full_kernel = {"auto": "flash_attn where usable, else triton (chosen in the worker)"}.get(
             st.full_kernel, st.full_kernel)
-        if fp8:  # FA3's fp8 path takes fp8 queries; the CUDA decode kernel has no fp8 path
-            full_kernel = "triton (fp8 KV)"
+        if fp8 and st.full_kernel == "auto":  # FA3 takes e4m3 caches (queries quantised as for stock)
+            full_kernel = ("flash_attn (FA3 fp8, queries quantised) where usable, else triton (chosen in the worker)"
+                           if plan.cache_dtype == torch.float8_e4m3fn else "triton (fp8_e5m2 KV)")
         decode = "cuda" if kernel == "triton" and st.decode_kernel == "cuda" and not fp8 else (
             "triton" if kernel == "triton" else "none (torch path)")
         lines.append(

@@ -116,7 +116,12 @@ def test_fp8_sizes_slots_at_one_byte_and_says_so():
     assert sized.num_slots == 13
     lines = startup.summary_lines(sized, cpu=False, budget=4 << 20)
     assert any("512 B/token vs stock 1024, KV float8_e4m3fn" in line for line in lines), lines
-    assert any("full heads triton (fp8 KV)" in line and "decode step triton" in line for line in lines), lines
+    assert any("full heads flash_attn (FA3 fp8, queries quantised) where usable, else triton" in line
+               and "decode step triton" in line for line in lines), lines
+    e5m2 = build_plan(st, SHAPE, max_num_seqs=16, dtype=torch.float32, kv_dtype=torch.float8_e5m2)
+    lines = startup.summary_lines(startup.size_ring_slots(_config(max_num_seqs=16), e5m2, 4 << 20), cpu=False,
+                                  budget=4 << 20)
+    assert any("full heads triton (fp8_e5m2 KV)" in line for line in lines), lines
 
 
 def test_a_predicted_budget_sizes_an_auto_ring_and_says_how():

@@ -53,6 +53,10 @@ class RLKVImplMixin:
     """Mixed into a subclass of the platform's stock AttentionImpl."""
 
     rlkv_runtime: RLKVRuntime | None = None
+    # the stock base's fp8 kernel takes fp8 queries (FA3): keep vLLM's query quantisation on
+    _rlkv_fp8_query_for_full_heads: bool = False
+    # what runs the full heads, in words (runtime facts, tests)
+    _rlkv_full_kernel: str = "stock"
     # True where the backend declares forward_includes_kv_cache_update: vLLM then never
     # calls do_kv_cache_update, and forward stores keys itself (after the ring reads)
     _rlkv_writes_in_forward: bool = False
@@ -91,9 +95,19 @@ class RLKVImplMixin:
         self._rlkv_stock_kwargs = given
         self.rlkv_runtime = runtime_for(cfg)
         self.rlkv_runtime.ensure_ring()
-        # with an fp8 KV cache vLLM's layer would quantise the queries for a backend that takes
-        # fp8 queries: the ring attends (and the stock kernel is handed) model-dtype queries
-        self.supports_quant_query_input = False
+        # With an fp8 KV cache vLLM's layer quantises the queries for an impl that says it takes fp8
+        # queries (``supports_quant_query_input``, set by the stock constructor above). A base whose fp8
+        # kernel needs them (FA3) keeps the stock answer: its full heads get the fp8 queries, the ring a
+        # dequantised copy (``forward``). Every other base gets model-dtype queries.
+        self.supports_quant_query_input = self._rlkv_takes_fp8_queries(
+            bool(getattr(self, "supports_quant_query_input", False)),
+            given.get("kv_cache_dtype", getattr(self, "kv_cache_dtype", None)))
+
+    @classmethod
+    def _rlkv_takes_fp8_queries(cls, stock_says: bool, kv_cache_dtype: str | None) -> bool:
+        """``supports_quant_query_input`` for an RLKV layer: the stock answer where the base's fp8 kernel
+        needs fp8 queries and vLLM's layer will quantise them for this cache (fp8/fp8_e4m3), else False."""
+        return cls._rlkv_fp8_query_for_full_heads and stock_says and compat.query_quant_applies(kv_cache_dtype)
 
     def _make_inner_impl(self, num_heads: int, num_kv_heads: int) -> Any:
         """A stock impl for a subset of heads (built inside the engine's config context)."""
@@ -122,6 +136,8 @@ class RLKVImplMixin:
         self._pool: StreamingPool = rt.pool
         slots = self._split.paged_slots
         self._inner = self._make_inner_impl(slots * group, slots) if self._split.n_full else None
+        rt.full_kernel = self._rlkv_full_kernel
+        rt.fp8_queries = bool(self.supports_quant_query_input)
         ring = rt.ensure_ring()
         self._ring_k, self._ring_v = ring.k[idx], ring.v[idx]
         self._pools: tuple[Any, LayerPools] | None = None
@@ -222,6 +238,9 @@ class RLKVImplMixin:
         md: RLKVMetadata = attn_metadata
         n = md.num_actual_tokens
         q, k, v, out = query[:n], key[:n], value[:n], output[:n]
+        q_fp8 = None
+        if q.dtype != out.dtype:  # vLLM quantised the queries (supports_quant_query_input): FA3 fp8
+            q_fp8, q = q, compat.dequantize_query(layer, q, out.dtype)  # the ring attends in the model dtype
         if self._rlkv_writes_in_forward and not self._pool.writes_paged:
             # vLLM will not call do_kv_cache_update, and this pool does not store paged heads
             self._write_paged(layer, k, v, kv_cache, md.rows.slot_mapping[:n])
@@ -229,9 +248,13 @@ class RLKVImplMixin:
         if self.rlkv_runtime.serve:
             full_inputs = self._pool.serve(self._split, q, k, v, out, md.rows, pools, md.step_plan, self.scale)
             if full_inputs is not None:
+                if q_fp8 is not None:
+                    # FA3 takes the fp8 queries themselves (the pool sliced or gathered its own from the copy)
+                    q_full = gather_heads(q_fp8, self._split.full_q, self._split)
+                    full_inputs = dataclasses.replace(full_inputs, q=q_full)
                 self._full_attention(layer, full_inputs, kv_cache, md, out)
         else:
-            self._gated(layer, q, k, v, kv_cache, md, pools, out)
+            self._gated(layer, q, k, v, kv_cache, md, pools, out, q_fp8)
         return output
 
     def _full_attention(self, layer, full: FullHeadInputs, kv_cache, md: RLKVMetadata, out) -> None:  # type: ignore[no-untyped-def]
@@ -240,20 +263,20 @@ class RLKVImplMixin:
         if split.all_full:
             self._inner.forward(layer, full.q, full.k, full.v, kv_cache, md.full, out)
             return
-        of = torch.empty_like(full.q)
+        of = torch.empty(full.q.shape, dtype=out.dtype, device=out.device)  # fp8 queries: the output is not
         self._inner.forward(layer, full.q, full.k, full.v, kv_cache, md.full, of)
         if split.contiguous:  # full heads first: a slice
             out[:, : split.n_full * split.group] = of[:, : split.n_full * split.group]
         else:
             out[:, split.full_q] = of[:, : split.n_full * split.group]
 
-    def _gated(self, layer, q, k, v, kv_cache, md: RLKVMetadata, pools: LayerPools, out) -> None:  # type: ignore[no-untyped-def]
+    def _gated(self, layer, q, k, v, kv_cache, md: RLKVMetadata, pools: LayerPools, out, q_fp8=None) -> None:  # type: ignore[no-untyped-def]
         """alpha * full + (1 - alpha) * streaming, per KV head, mixed in float32."""
         split = self._split
         t, h, g, d = q.shape[0], split.num_kv_heads, split.group, q.shape[-1]
         stream = self._pool.gated_stream(split, q, k, v, md.rows, pools, md.step_plan, self.scale)
         full = torch.empty_like(out)
-        self._inner.forward(layer, q, k, v, kv_cache, md.full, full)
+        self._inner.forward(layer, q if q_fp8 is None else q_fp8, k, v, kv_cache, md.full, full)
         alpha = self.rlkv_runtime.gates[self._rlkv_layer].view(1, h, 1, 1)
         mixed = alpha * full.view(t, h, g, d).float() + (1.0 - alpha) * stream.view(t, h, g, d)
         out.copy_(mixed.view(t, h * g, d).to(out.dtype))

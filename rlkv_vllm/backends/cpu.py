@@ -17,7 +17,7 @@ CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder = comp
 
 
 class RLKVCpuImpl(RLKVImplMixin, CPUAttentionBackendImpl):
-    pass
+    _rlkv_full_kernel = "cpu_attn"
 
 
 class RLKVCpuMetadataBuilder(RLKVBuilderMixin, CPUAttentionMetadataBuilder):

@@ -3,8 +3,9 @@
 The forward is ``backends.common``'s; the streaming pool it binds to is ``ops.pools``'
 TritonPool by default here (``rlkv.kernel = torch``: TorchPool, piecewise graphs only).
 This module picks the stock base for the full heads: vLLM's FlashAttention (fp16/bf16,
-where this build and device have it; ``rlkv.full_kernel`` forces a choice) or Triton
-unified attention (also float32, and every fp8 KV cache), and declares what the base needs.
+where this build and device have it, and an fp8/fp8_e4m3 KV cache with FA3 on SM90, with the
+queries quantised by vLLM's layer as for stock; ``rlkv.full_kernel`` forces a choice) or Triton
+unified attention (also float32, fp8_e5m2, fp8 without FA3), and declares what the base needs.
 
 Every index the Triton pool uses is computed on the device from persistent buffers, so
 the builder declares the stock backend's CUDA-graph support (FULL graphs included). A
@@ -58,7 +59,8 @@ class RLKVCudaBuilderMixin(RLKVBuilderMixin):
 class RLKVCudaBackendMixin:
     """What every RLKV CUDA backend declares, whatever its stock base."""
 
-    # fp8: the paged cache and the ring hold fp8 with the layer's scales (full heads on TRITON_ATTN)
+    # fp8: the paged cache and the ring hold fp8 with the layer's scales (full heads on FA3 for e4m3 on
+    # SM90, else TRITON_ATTN)
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
     # RLKV stores keys inside forward, after the ring reads (see RLKVCudaImplMixin)
     forward_includes_kv_cache_update: bool = True
@@ -91,7 +93,8 @@ class RLKVCudaBackendMixin:
 
 # ------------------------------------------------------------- Triton base (any dtype)
 class RLKVTritonImpl(RLKVCudaImplMixin, TritonAttentionImpl):
-    pass
+    # TRITON_ATTN reads an fp8 cache with model-dtype queries: no query quantisation
+    _rlkv_full_kernel = "triton"
 
 
 class RLKVTritonBuilder(RLKVCudaBuilderMixin, TritonAttentionMetadataBuilder):
@@ -114,7 +117,10 @@ class RLKVTritonBackend(RLKVCudaBackendMixin, TritonAttentionBackend):
 if FlashAttentionBackend is not None:
 
     class RLKVFlashImpl(RLKVCudaImplMixin, FlashAttentionImpl):
-        pass
+        # FA3's fp8 kernel takes fp8 queries (q_descale = the layer's _q_scale): vLLM's layer quantises
+        # them where the stock impl says so; the ring attends a dequantised copy
+        _rlkv_fp8_query_for_full_heads = True
+        _rlkv_full_kernel = "flash_attn"
 
     class RLKVFlashBuilder(RLKVCudaBuilderMixin, FlashAttentionMetadataBuilder):
         def _rlkv_adapt_stock_builder(self, kv_cache_spec: Any, vllm_config: Any) -> None:
@@ -145,10 +151,9 @@ def flash_attn_unavailable_reason(vllm_config: Any) -> str | None:
     if dtype not in (_t.float16, _t.bfloat16):
         return f"dtype {dtype} (FlashAttention takes float16/bfloat16)"
     kv = compat.kv_cache_dtype_name(vllm_config)
-    if kv.startswith("fp8"):
-        # FA3's fp8 path takes fp8 queries, and the ring attends in the model dtype: TRITON_ATTN
-        # reads an fp8 cache with model-dtype queries
-        return f"kv_cache_dtype {kv} (RLKV runs fp8 full heads on TRITON_ATTN)"
+    if kv.startswith("fp8") and not FlashAttentionBackend.supports_kv_cache_dtype(kv):
+        # FA3 on SM90 takes e4m3 (fp8, fp8_e4m3) only; TRITON_ATTN reads the others
+        return f"kv_cache_dtype {kv} (FlashAttention here takes fp8 only as fp8/fp8_e4m3 with FA3 on SM90)"
     try:
         if compat.flash_attn_version(vllm_config.model_config.get_head_size()) is None:
             return "no FlashAttention version supports this device/head size"

@@ -106,8 +106,9 @@ SETTING_MEANINGS: dict[str, str] = {
     "full_heads": 'with selection `explicit`: the full heads as `["layer:head", ...]` or `[[layer, head], ...]`',
     "kernel": "streaming-pool kernels: `triton` (what `auto` runs on CUDA) or `torch` "
               "(the CPU path; on CUDA a reference path without CUDA graphs)",
-    "full_kernel": "CUDA, full heads: `flash_attn` (what `auto` runs for fp16/bf16 where usable) or `triton` "
-                   "(vLLM's Triton attention; what `auto` runs with an fp8 KV cache)",
+    "full_kernel": "CUDA, full heads: `flash_attn` (what `auto` runs for fp16/bf16, and for an fp8/fp8_e4m3 KV "
+                   "cache with FA3 on SM90, where usable) or `triton` (vLLM's Triton attention; what `auto` runs "
+                   "for fp8_e5m2 or fp8 without FA3)",
     "decode_kernel": "CUDA, the one-launch decode step: `triton` (what `auto` runs) or `cuda` "
                      "(`csrc/rlkv_decode.cu`, opt-in: slower so far; no fp8 path, Triton's runs instead)",
     "ring_slots": "streaming-ring slots (one per running request): `auto` (the requests the KV budget holds at "

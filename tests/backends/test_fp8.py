@@ -107,7 +107,7 @@ def fp8_case(tiny_model, tmp_path_factory):
                 rt = current_runtime()
                 facts = SimpleNamespace(ring_dtypes={t.dtype for t in rt.ring.k + rt.ring.v if t is not None},
                                         cache_dtype=rt.plan.cache_dtype, decode_kernel=rt.decode_kernel,
-                                        kernel=rt.kernel)
+                                        kernel=rt.kernel, full_kernel=rt.full_kernel, fp8_queries=rt.fp8_queries)
                 cache[key] = (vllm_logprobs(llm, prompts), facts)
         return cache[key]
 
