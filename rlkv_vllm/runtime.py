@@ -77,6 +77,9 @@ class RLKVRuntime:
         rows = max(self.plan.max_num_seqs, int(getattr(sched, "max_num_batched_tokens", 0) or 0)) + 1
         self.slot_buffer = torch.full((rows,), self.plan.num_slots, dtype=torch.int32, device=self.device)
         self.preemptions_seen = 0
+        # the (rows, request ids) whose slots the device buffer holds; None: rebuild at the next step
+        self._slots_written: tuple[int, list[str]] | None = None
+        self.slot_rows_written = self.slot_rows_reused = 0  # steps that copied the slots / found them right
         # set by the attention impls when they bind: what runs the full heads, and whether vLLM hands
         # them fp8 queries (FA3 with an fp8 cache)
         self.full_kernel: str | None = None
@@ -147,12 +150,15 @@ class RLKVRuntime:
         done |= preempted
         if done:
             self.slots.release(done)
+            self._slots_written = None  # a released slot may be reassigned: rebuild the rows' slots
         self.metrics.on_step()
 
     def slot_ids_for_batch(self, num_reqs: int) -> list[int]:
         """Ring slot per batch row; dummy batches all use the scratch slot."""
+        return self._slots_for(num_reqs, compat.RUNNER_HOOKS.batch_req_ids(num_reqs))
+
+    def _slots_for(self, num_reqs: int, ids: list[str] | None) -> list[int]:
         scratch = self.plan.num_slots
-        ids = compat.RUNNER_HOOKS.batch_req_ids(num_reqs)
         if ids is None:
             return [scratch] * num_reqs
         alive = compat.RUNNER_HOOKS.request_alive()
@@ -160,11 +166,21 @@ class RLKVRuntime:
 
     def slot_ids_on_device(self, num_reqs: int) -> torch.Tensor:
         """This step's ring slot per batch row, in a persistent device buffer (CUDA graphs
-        capture its address). Returns a view of its first ``num_reqs`` entries."""
-        slots = self.slot_ids_for_batch(num_reqs)
+        capture its address). Returns a view of its first ``num_reqs`` entries.
+
+        Host work in proportion to what changed: a decode step whose rows are the same requests in the
+        same order as the last written batch, with no slot released since (``on_step``), finds the buffer
+        already right and costs one list comparison; any other batch assigns and copies every row."""
         if num_reqs > self.slot_buffer.shape[0]:
             raise RuntimeError(f"batch of {num_reqs} rows exceeds the ring slot buffer")
         buf = self.slot_buffer[:num_reqs]
+        ids = compat.RUNNER_HOOKS.batch_req_ids(num_reqs)
+        if ids is not None and self._slots_written is not None and self._slots_written == (num_reqs, ids):
+            self.slot_rows_reused += 1
+            return buf
+        slots = self._slots_for(num_reqs, ids)
+        self._slots_written = None if ids is None else (num_reqs, ids)
+        self.slot_rows_written += 1
         host = torch.tensor(slots, dtype=torch.int32)
         if buf.is_cuda:
             # from pageable memory CUDA synchronises the stream before the copy; a pinned block

@@ -212,3 +212,48 @@ def test_the_bench_names_the_runner_and_its_kind(rt):
     assert compat.model_runner_kind(_llm(V1Like())) == "v1"
     assert compat.model_runner_kind(_llm(None)) == "unknown"
     assert compat.model_runner_name(_llm(None)).startswith("unknown (VLLM_USE_V2_MODEL_RUNNER=")
+
+
+class DeviceSlotsRunner(FakeV2Runner):
+    """The same runner, asking for the slots as the metadata builder does: the persistent buffer."""
+
+    def execute_model(self, scheduler_output, intermediate_tensors=None, dummy_run=False,
+                      skip_attn_for_dummy_run=False, is_profile=False):
+        rt, seen = self.rt, self.seen
+        real = len(seen)
+        rt.slot_ids_for_batch = lambda n: rt.slot_ids_on_device(n).tolist()  # type: ignore[method-assign]
+        try:
+            super().execute_model(scheduler_output, intermediate_tensors, dummy_run, skip_attn_for_dummy_run,
+                                  is_profile)
+        finally:
+            del rt.slot_ids_for_batch
+        return real
+
+
+def test_unchanged_decode_rows_reuse_the_device_slots_and_any_change_rewrites_them(rt):
+    import torch
+
+    scratch = 3
+    rt.plan.num_slots, rt.slots = scratch, SlotManager(scratch)
+    rt.slot_buffer = torch.full((8,), scratch, dtype=torch.int32)
+    rt._slots_written, rt.slot_rows_written, rt.slot_rows_reused = None, 0, 0
+    runner = DeviceSlotsRunner(rt)
+    runner.execute_model(_out({"a": 5, "b": 3}))
+    assert runner.seen[-1] == [0, 1, scratch] and (rt.slot_rows_written, rt.slot_rows_reused) == (1, 0)
+    for _ in range(3):  # decode steps of the same two requests: nothing to do on the host
+        runner.execute_model(_out({"a": 1, "b": 1}))
+        assert runner.seen[-1] == [0, 1, scratch]
+    assert (rt.slot_rows_written, rt.slot_rows_reused) == (1, 3)
+    runner.execute_model(_out({"a": 1, "b": 1, "c": 7}))  # a new row
+    assert runner.seen[-1] == [2, 0, 1, scratch] and rt.slot_rows_written == 2
+    runner.execute_model(_out({"b": 1, "c": 1}, finished={"a"}))  # a row leaves
+    assert runner.seen[-1] == [2, 0, scratch] and rt.slot_rows_written == 3
+    # a slot released elsewhere (a request preempted outside this batch) invalidates the rows' slots
+    rt.slots.assign(["z"])
+    runner.execute_model(_out({"b": 1, "c": 1}, preempted={"z"}))
+    assert runner.seen[-1] == [2, 0, scratch] and rt.slot_rows_written == 4
+    runner._dummy_run(2)  # a dummy batch writes scratch slots: the next real step rewrites
+    assert runner.seen[-1] == [scratch] * 3 and rt.slot_rows_written == 5
+    runner.execute_model(_out({"b": 1, "c": 1}))
+    assert runner.seen[-1] == [2, 0, scratch] and rt.slot_rows_written == 6
+    assert rt.slot_buffer[:3].tolist() == [2, 0, scratch]
