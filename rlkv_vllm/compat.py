@@ -444,12 +444,12 @@ def query_quant_applies(kv_cache_dtype: str | None) -> bool:
 def dequantize_query(layer: Any, q: Any, dtype: Any) -> Any:
     """The model-dtype queries from the fp8 ones vLLM's layer made (``query_quant`` with the layer's static
     ``_q_scale``, a [] or per-KV-head float32 device tensor): ``q * _q_scale``. q: [T, H, D]."""
-    import torch
-
     scale = layer._q_scale
     if scale.numel() > 1:  # per KV head: [H_kv] -> one factor per query head
         scale = scale.repeat_interleave(q.shape[1] // scale.numel()).view(1, -1, 1)
-    return (q.to(torch.float32) * scale).to(dtype)
+    # fp8 -> fp16/bf16/fp32 is exact, and the in-place multiply rounds its float32 product once: the same
+    # values as (q.float() * scale).to(dtype), in two kernels instead of three
+    return q.to(dtype).mul_(scale)
 
 
 def paged_fp8_dtype() -> Any:
