@@ -181,12 +181,16 @@ class StepSplit:
         self.with_prefill: list[float] = []
         self.with_recompute: list[float] = []
         self.decode_rows = self.prefill_tokens = self.recompute_tokens = 0
+        # every step of the window: [ms, decode rows, prefill tokens, recompute tokens], for tails and plots
+        self.per_step: list[list[float]] = []
 
     def add(self, step_s: float, batches: list[BatchTokens]) -> None:
         self.steps += 1
         prefill = sum(b.prefill for b in batches)
         recompute = sum(b.recompute for b in batches)
-        self.decode_rows += sum(b.decode for b in batches)
+        decode = sum(b.decode for b in batches)
+        self.per_step.append([round(step_s * 1e3, 3), decode, prefill, recompute])
+        self.decode_rows += decode
         self.prefill_tokens += prefill
         self.recompute_tokens += recompute
         (self.with_prefill if prefill else self.decode_only).append(step_s)
@@ -206,7 +210,9 @@ class StepSplit:
                     recompute_share_of_prefill=(self.recompute_tokens / self.prefill_tokens
                                                 if self.prefill_tokens else None),
                     rule="from the scheduler's batch: a request scheduled for more than one token is prefilling; "
-                         "recompute is prefill of a request preempted earlier")
+                         "recompute is prefill of a request preempted earlier",
+                    per_step_fields=["ms", "decode_rows", "prefill_tokens", "recompute_tokens"],
+                    per_step=self.per_step)
 
 
 def percentile(xs: list[float], q: float) -> float | None:

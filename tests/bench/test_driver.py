@@ -258,3 +258,7 @@ def test_step_split_times_the_batch_each_step_waited_for() -> None:
     assert split["decode_only"]["p90_s"] < 0.015, split["decode_only"]
     assert split["with_prefill"]["p50_s"] >= 0.03, split["with_prefill"]
     assert len(probe.completed) <= len(probe.batches) <= len(probe.completed) + 2
+    steps = split["per_step"]  # every step: [ms, decode rows, prefill tokens, recompute tokens]
+    assert split["per_step_fields"] == ["ms", "decode_rows", "prefill_tokens", "recompute_tokens"]
+    assert len(steps) == res["steps"] and all(len(x) == 4 for x in steps)
+    assert all(ms >= 25 for ms, _, prefill, _ in steps if prefill), steps
