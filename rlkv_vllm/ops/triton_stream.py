@@ -15,7 +15,18 @@ ring-slot buffer, so a captured CUDA graph replays them correctly.
   ``ring_attention``: a chunk longer than the window would otherwise overwrite ring
   keys its own earlier queries still read.
 - ``decode_step``: both of the above in one launch, for batches with one query token
-  per row (decode), where a token's ring write can follow its own reads.
+  per row (decode), where a token's ring write can follow its own reads. Two variants
+  (``DECODE_STEP_VARIANT``): "v2" (the default, ``_slot_decode_step_kernel``) runs a 1-D
+  grid of T x ceil(R / H) programs, a token's programs adjacent; each takes H ring heads of
+  one token (``slot_config``: H = 1) and a share of its paged heads. It loads the paged
+  heads' key/value/query first and stores them last; it reads the window in storage order
+  (the slot's rows 0 .. C - 1, one [H * 16, D] block at a time, 80 rows in 5 blocks with no
+  padding, all 5 in flight through a shared-memory pipeline), the token's own key/value from
+  k/v (it starts the online softmax), with the query rows of H heads' GROUP queries (at least
+  16) in one tensor-core dot per block (block-diagonal masking across heads). "v1"
+  (``_decode_step_kernel``, kept for comparison) runs grid (T, P + R), one program per token
+  and paged or ring head, the window in three dependent 32-row blocks (96 rows), GROUP
+  padded to 16 rows (~190 registers a thread at sm90: two programs an SM).
 
 Tokens past ``query_start_loc[num_rows]`` are padding (CUDA-graph batches): they write
 nothing and get a zero output. Rows with ``seq_len == 0`` are padding rows.
@@ -33,7 +44,9 @@ the cast is exact: Triton's interpreter drops the mantissa carry of fp32 -> fp8 
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -55,6 +68,9 @@ def _interpreting() -> bool:
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
+
+
+_LOG2E = 1.4426950408889634  # v2 takes its scale in base 2 (exp2)
 
 
 # fp8 storage formats a kernel takes as its RING_FP8 / PAGED_FP8 constexpr (0: no fp8)
@@ -382,6 +398,206 @@ if HAVE_TRITON:
                         ring_k_ptr, ring_v_ptr, stride_rr, stride_rh, ring_src_ptr, real, pos, seq_len,
                         slot, k_scale, v_scale, SINK, RECENT, HEAD_DIM, DIM_PAD, RING_FP8)
 
+    @triton.jit
+    def _slot_paged_load(
+        t, hg, k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh, slot_mapping_ptr, paged_src_ptr,
+        num_paged, paged_per, q_ptr, stride_qt, stride_qh, k_scale, v_scale,
+        GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+        PAGED_BLK: tl.constexpr, GATHER_Q: tl.constexpr, PAGED_FP8: tl.constexpr,
+    ):
+        """The loads of ``_paged_write_and_gather`` for paged heads hg * paged_per .. + paged_per - 1
+        of token t at once: (keys, values [PAGED_BLK, D], as the cache stores them; their store
+        mask, false where slot_mapping[t] < 0; their query heads [PAGED_BLK * GROUP_P2, D], zeros
+        for a TP padding head). Issued first, stored last (``_slot_paged_store``), so that their
+        round trip overlaps the ring's."""
+        d = tl.arange(0, DIM_PAD)
+        d_ok = d < HEAD_DIM
+        i = tl.arange(0, PAGED_BLK)
+        j = hg * paged_per + i
+        j_ok = (i < paged_per) & (j < num_paged)
+        src = tl.load(paged_src_ptr + j, mask=j_ok, other=-1).to(tl.int64)
+        cache_slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
+        st = (j_ok & _vec(cache_slot >= 0, i))[:, None] & d_ok[None, :]
+        load = st & (src >= 0)[:, None]  # TP padding heads get zeros
+        src = tl.maximum(src, 0)
+        kk = tl.load(k_ptr + t * stride_kt + src[:, None] * stride_kh + d[None, :], mask=load, other=0.0)
+        vv = tl.load(v_ptr + t * stride_vt + src[:, None] * stride_vh + d[None, :], mask=load, other=0.0)
+        if PAGED_FP8:
+            kk = _quantize(kk, k_scale, PAGED_FP8)
+            vv = _quantize(vv, v_scale, PAGED_FP8)
+        qq = kk
+        if GATHER_Q:
+            n = tl.arange(0, PAGED_BLK * GROUP_P2)
+            jn = hg * paged_per + n // GROUP_P2
+            g = n % GROUP_P2
+            n_ok = (n // GROUP_P2 < paged_per) & (jn < num_paged) & (g < GROUP)
+            src_n = tl.load(paged_src_ptr + jn, mask=n_ok, other=-1).to(tl.int64)
+            qq = tl.load(q_ptr + t * stride_qt + (tl.maximum(src_n, 0) * GROUP + g)[:, None] * stride_qh + d[None, :],
+                         mask=(n_ok & (src_n >= 0))[:, None] & d_ok[None, :], other=0.0)
+        return kk, vv, st, qq, cache_slot
+
+    @triton.jit
+    def _slot_paged_store(
+        t, hg, kk, vv, st, qq, cache_slot, kc_ptr, vc_ptr, stride_kcb, stride_kcs, stride_kch,
+        stride_vcb, stride_vcs, stride_vch, block_size, num_paged, paged_per, qf_ptr, stride_qft, stride_qfh,
+        GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+        PAGED_BLK: tl.constexpr, GATHER_Q: tl.constexpr,
+    ):
+        """The stores of ``_slot_paged_load``'s heads: keys/values at slot_mapping[t] (skipped where
+        it is < 0), their query heads into qf[t, j * GROUP : (j + 1) * GROUP]."""
+        d = tl.arange(0, DIM_PAD)
+        d_ok = d < HEAD_DIM
+        j = hg * paged_per + tl.arange(0, PAGED_BLK)
+        blk = tl.maximum(cache_slot, 0) // block_size
+        off = tl.maximum(cache_slot, 0) % block_size
+        tl.store(kc_ptr + blk * stride_kcb + off * stride_kcs + j[:, None] * stride_kch + d[None, :],
+                 kk.to(kc_ptr.dtype.element_ty), mask=st)
+        tl.store(vc_ptr + blk * stride_vcb + off * stride_vcs + j[:, None] * stride_vch + d[None, :],
+                 vv.to(vc_ptr.dtype.element_ty), mask=st)
+        if GATHER_Q:
+            n = tl.arange(0, PAGED_BLK * GROUP_P2)
+            jn = hg * paged_per + n // GROUP_P2
+            g = n % GROUP_P2
+            n_ok = (n // GROUP_P2 < paged_per) & (jn < num_paged) & (g < GROUP)
+            tl.store(qf_ptr + t * stride_qft + (jn * GROUP + g)[:, None] * stride_qfh + d[None, :],
+                     qq.to(qf_ptr.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _slot_ring_block(
+        ring_k_ptr, ring_v_ptr, stride_rr, stride_rh, slot, h0, num_ring, real, pos, c0,
+        q, hr, scale_log2, k_scale, v_scale, like_ptr,
+        BLK: tl.constexpr, HEADS: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr,
+        HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, DOT_F32: tl.constexpr, RING_FP8: tl.constexpr,
+    ):
+        """Storage rows c0 .. c0 + BLK - 1 of a slot's ring, ring heads h0 .. h0 + HEADS - 1, as one
+        [HEADS * BLK, D] block (column n: head n // BLK, row c0 + n % BLK; contiguous in memory
+        when HEADS is every ring head), with the query rows' base-2 scores against it:
+        (scores [M, HEADS * BLK], -inf where masked; the values). A query row sees the valid
+        columns of its own head only. A row is valid if it holds an earlier position of the
+        window: a sink row c < SINK holds c (valid if c < pos); a recent row c = SINK + i holds
+        pos - dist, dist = ((pos - SINK) - i) mod RECENT, valid for 0 < dist and pos - dist >=
+        SINK (dist 0 is the row pos itself overwrites, which holds pos - RECENT). Invalid rows
+        are not read. An fp8 ring reads back as ``fp8 * scale`` in k/v's dtype."""
+        n = tl.arange(0, HEADS * BLK)
+        hn = n // BLK
+        c = c0 + n % BLK
+        dist = (tl.maximum(pos - SINK, 0) % RECENT - (c - SINK) + RECENT) % RECENT
+        ok = tl.where(c < SINK, c < pos, (dist > 0) & (pos - dist >= SINK))
+        ok = ok & (c < SINK + RECENT) & (h0 + hn < num_ring) & _vec(real, n)
+        d = tl.arange(0, DIM_PAD)
+        m = ok[:, None] & (d < HEAD_DIM)[None, :]
+        off = (slot * (SINK + RECENT) + c)[:, None] * stride_rr + (h0 + hn)[:, None] * stride_rh + d[None, :]
+        k = tl.load(ring_k_ptr + off, mask=m, other=0.0)
+        v = tl.load(ring_v_ptr + off, mask=m, other=0.0)
+        if RING_FP8:
+            k = (k.to(tl.float32) * k_scale).to(like_ptr.dtype.element_ty)
+            v = (v.to(tl.float32) * v_scale).to(like_ptr.dtype.element_ty)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale_log2
+        s = tl.where(ok[None, :] & (hn[None, :] == hr[:, None]), s, float("-inf"))
+        return s, v
+
+    @triton.jit
+    def _slot_decode_step_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        stride_ot, stride_oh,
+        kc_ptr, vc_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+        slot_mapping_ptr, block_size, paged_src_ptr, num_paged, paged_per, qf_ptr, stride_qft, stride_qfh,
+        ring_k_ptr, ring_v_ptr, stride_rr, stride_rh, ring_src_ptr, num_ring, progs,
+        qsl_ptr, seq_lens_ptr, slot_ptr, num_rows, scale_log2, k_scale_ptr, v_scale_ptr,
+        SINK: tl.constexpr, RECENT: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
+        HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, HEADS: tl.constexpr, ROWS: tl.constexpr,
+        BLK: tl.constexpr, NUM_STAGES: tl.constexpr, PAGED_BLK: tl.constexpr,
+        HAS_PAGED: tl.constexpr, HAS_RING: tl.constexpr, GATHER_Q: tl.constexpr,
+        DOT_F32: tl.constexpr, PAGED_FP8: tl.constexpr, RING_FP8: tl.constexpr,
+    ):
+        # program pid: token pid // progs, head group pid % progs (a token's programs are
+        # neighbours, so the reads of one ring slot are issued together)
+        pid = tl.program_id(0)
+        t = (pid // progs).to(tl.int64)
+        hg = pid % progs
+        k_scale = 1.0
+        v_scale = 1.0
+        if PAGED_FP8 or RING_FP8:
+            k_scale = tl.load(k_scale_ptr).to(tl.float32)
+            v_scale = tl.load(v_scale_ptr).to(tl.float32)
+        if HAS_PAGED:
+            pk, pv, p_st, pq, cache_slot = _slot_paged_load(
+                t, hg, k_ptr, v_ptr, stride_kt, stride_kh, stride_vt, stride_vh, slot_mapping_ptr, paged_src_ptr,
+                num_paged, paged_per, q_ptr, stride_qt, stride_qh, k_scale, v_scale,
+                GROUP, GROUP_P2, HEAD_DIM, DIM_PAD, PAGED_BLK, GATHER_Q, PAGED_FP8)
+        if HAS_RING:
+            # one query token per row: token t is row t; rows past the real ones (CUDA-graph
+            # padding) have seq_len 0 or an empty query span
+            row = tl.maximum(tl.minimum(t, num_rows - 1), 0)
+            seq_len = tl.load(seq_lens_ptr + row).to(tl.int64)
+            q_len = tl.load(qsl_ptr + row + 1) - tl.load(qsl_ptr + row)
+            slot = tl.load(slot_ptr + row).to(tl.int64)
+            real = (t < num_rows) & (q_len > 0) & (seq_len > 0)
+            pos = seq_len - 1
+            h0 = hg * HEADS
+            d = tl.arange(0, DIM_PAD)
+            d_ok = d < HEAD_DIM
+            # query row r: ring head h0 + r // GROUP_P2, query head g = r % GROUP_P2 of its group
+            r = tl.arange(0, ROWS)
+            hr = r // GROUP_P2
+            r_ok = (hr < HEADS) & (r % GROUP_P2 < GROUP) & (h0 + hr < num_ring)
+            r_real = r_ok & _vec(real, r)
+            kv_r = tl.load(ring_src_ptr + h0 + hr, mask=r_ok, other=0).to(tl.int64)
+            q_rows = kv_r * GROUP + r % GROUP_P2
+            rm = r_real[:, None] & d_ok[None, :]
+            q = tl.load(q_ptr + t * stride_qt + q_rows[:, None] * stride_qh + d[None, :], mask=rm, other=0.0)
+            # position pos itself: this step's key/value, gathered per query row
+            k_self = tl.load(k_ptr + t * stride_kt + kv_r[:, None] * stride_kh + d[None, :], mask=rm, other=0.0)
+            v_self = tl.load(v_ptr + t * stride_vt + kv_r[:, None] * stride_vh + d[None, :], mask=rm, other=0.0)
+            # the token's own key (from k) starts the softmax: every row's max is finite from
+            # the first block on
+            m_i = tl.sum(q.to(tl.float32) * k_self.to(tl.float32), axis=1) * scale_log2
+            l_i = tl.full([ROWS], 1.0, tl.float32)
+            acc = v_self.to(tl.float32)
+            if DOT_F32:
+                q = q.to(tl.float32)
+            # the window's storage rows in BLK-row blocks, loads pipelined NUM_STAGES deep
+            # (through shared memory: the whole 80-row window in flight at 5 stages)
+            for b in tl.range(0, (SINK + RECENT + BLK - 1) // BLK, num_stages=NUM_STAGES):
+                s_b, v_b = _slot_ring_block(
+                    ring_k_ptr, ring_v_ptr, stride_rr, stride_rh, slot, h0, num_ring, real, pos, b * BLK,
+                    q, hr, scale_log2, k_scale, v_scale, k_ptr, BLK, HEADS, SINK, RECENT, HEAD_DIM, DIM_PAD,
+                    DOT_F32, RING_FP8)
+                m_new = tl.maximum(m_i, tl.max(s_b, axis=1))
+                corr = tl.exp2(m_i - m_new)
+                p = tl.exp2(s_b - m_new[:, None])
+                l_i = l_i * corr + tl.sum(p, axis=1)
+                acc = acc * corr[:, None] + tl.dot(p.to(v_b.dtype), v_b).to(tl.float32)
+                m_i = m_new
+            res = tl.where(r_real[:, None], acc / l_i[:, None], 0.0)
+            tl.store(out_ptr + t * stride_ot + q_rows[:, None] * stride_oh + d[None, :],
+                     res.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+            # the token's key/value into its ring row (which held pos - recent, read by no one;
+            # each slot's one token is its only reader): after the reads, as in _ring_write
+            keep = real & ((pos < SINK) | (pos >= seq_len - RECENT))
+            if keep:
+                hw = tl.arange(0, HEADS)
+                w_ok = h0 + hw < num_ring
+                src = tl.load(ring_src_ptr + h0 + hw, mask=w_ok, other=0).to(tl.int64)
+                wm = w_ok[:, None] & d_ok[None, :]
+                kk = tl.load(k_ptr + t * stride_kt + src[:, None] * stride_kh + d[None, :], mask=wm, other=0.0)
+                vv = tl.load(v_ptr + t * stride_vt + src[:, None] * stride_vh + d[None, :], mask=wm, other=0.0)
+                if RING_FP8:
+                    kk = _quantize(kk, k_scale, RING_FP8)
+                    vv = _quantize(vv, v_scale, RING_FP8)
+                ring_pos = tl.where(pos < SINK, pos, SINK + (tl.maximum(pos - SINK, 0) % RECENT))
+                w_off = (slot * (SINK + RECENT) + ring_pos) * stride_rr + (h0 + hw)[:, None] * stride_rh + d[None, :]
+                tl.store(ring_k_ptr + w_off, kk.to(ring_k_ptr.dtype.element_ty), mask=wm)
+                tl.store(ring_v_ptr + w_off, vv.to(ring_v_ptr.dtype.element_ty), mask=wm)
+        if HAS_PAGED:
+            _slot_paged_store(
+                t, hg, pk, pv, p_st, pq, cache_slot, kc_ptr, vc_ptr, stride_kcb, stride_kcs, stride_kch,
+                stride_vcb, stride_vcs, stride_vch, block_size, num_paged, paged_per, qf_ptr, stride_qft, stride_qfh,
+                GROUP, GROUP_P2, HEAD_DIM, DIM_PAD, PAGED_BLK, GATHER_Q)
+
 
 def _check_ring(ring_k: torch.Tensor, ring_v: torch.Tensor) -> None:
     if ring_k.stride() != ring_v.stride() or ring_k.stride(-1) != 1:
@@ -503,6 +719,14 @@ def fused_kv_write(
     )
 
 
+# decode_step implementations: "v2" (default) runs _slot_decode_step_kernel, one program per
+# token and group of ring heads; "v1" the earlier _decode_step_kernel, one program per token
+# and head (kept so a benchmark can compare both in one run; RLKV_DECODE_STEP_VARIANT=v1 picks
+# it for an engine run)
+DECODE_STEP_VARIANTS = ("v2", "v1")
+DECODE_STEP_VARIANT = os.environ.get("RLKV_DECODE_STEP_VARIANT", "v2")
+
+
 def decode_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -512,17 +736,73 @@ def decode_step(
     rows: StepRows,
     pools: LayerPools,
     scale: float,
+    *,
+    variant: str | None = None,
 ) -> None:
     """One launch for a batch with at most one query token per row (decode; max_query_len 1).
 
     Does what ``fused_kv_write`` (with the query gather) and ``ring_attention`` do, in one
-    grid of (T, P + R) programs: paged heads store their key/value and gather their query
-    heads into ``q_full``; ring heads attend over the window, write their output into
-    ``out`` and store the token's key/value in the ring. Shapes as in those two functions.
+    launch: paged heads store their key/value and gather their query heads into ``q_full``;
+    ring heads attend over the window, write their output into ``out`` and store the
+    token's key/value in the ring. Shapes as in those two functions.
     Only valid when every row has at most one query token: the caller checks
     ``max_query_len == 1`` on the host (a CUDA graph captured that way is replayed only for
-    such batches).
+    such batches). ``variant``: one of ``DECODE_STEP_VARIANTS`` (None: ``DECODE_STEP_VARIANT``).
     """
+    variant = variant or DECODE_STEP_VARIANT
+    if variant == "v2":
+        decode_step_v2(q, k, v, out, q_full, rows, pools, scale)
+    elif variant == "v1":
+        _decode_step_v1(q, k, v, out, q_full, rows, pools, scale)
+    else:
+        raise ValueError(f"decode_step variant {variant!r}: expected one of {DECODE_STEP_VARIANTS}")
+
+
+def _check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} needs a contiguous head_dim")
+
+
+@dataclass(frozen=True)
+class SlotConfig:
+    """Launch settings of ``decode_step_v2``: ring heads per program (a power of two), the rows of
+    a window block (a power of two, at least 16 // heads), the loop's pipeline depth (loads
+    in flight, through shared memory) and num_warps."""
+
+    heads: int = 1
+    block: int = 16
+    num_stages: int = 5
+    num_warps: int = 4
+
+
+def slot_config(group: int, num_ring: int, head_dim: int, sink: int, recent: int) -> SlotConfig:
+    """``decode_step_v2``'s default settings: one ring head a program (the most programs; at the
+    serving window 16 + 64 and head_dim 128 its 16-row blocks stage 8 KB of K + V in bf16), the
+    whole window in flight (up to 5 blocks of 16 rows), 4 warps. ``scripts/gpu/decode_bench.py``
+    times the alternatives."""
+    blocks = -(-(sink + recent) // 16)
+    return SlotConfig(heads=1, block=16, num_stages=max(1, min(5, blocks)), num_warps=4)
+
+
+def decode_step_v2(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    q_full: torch.Tensor | None,
+    rows: StepRows,
+    pools: LayerPools,
+    scale: float,
+    config: SlotConfig | None = None,
+    **settings: int,
+) -> None:
+    """``decode_step`` with ``_slot_decode_step_kernel``: a 1-D grid of T x N programs, N =
+    ceil(R / heads), a token's programs adjacent; program (t, n) attends ring heads n * heads ..
+    of token t and stores its share of the token's paged heads (ceil(P / N) of them). The window
+    is read in storage order, ``block`` rows at a time, ``num_stages`` blocks in flight; the
+    token's own key comes from ``k``. config / settings (SlotConfig fields): tuning knobs
+    (default: ``slot_config``)."""
     num_tokens, num_q_heads, head_dim = q.shape
     kc, vc, sm, ps, bs, num_paged = _paged_args(k, rows, pools)
     rk, rv, rs, num_ring = _ring_args(k, pools)
@@ -530,9 +810,52 @@ def decode_step(
     group = num_q_heads // k.shape[1]
     if num_tokens == 0 or num_paged + num_ring == 0:
         return
-    for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
-        if x.stride(-1) != 1:
-            raise ValueError(f"{name} needs a contiguous head_dim")
+    _check_decode_inputs(q, k, v, out)
+    ks, vs, paged_fp8, ring_fp8 = _fp8_args(k, pools, paged=num_paged > 0, ring=num_ring > 0)
+    cfg = config or slot_config(group, num_ring, head_dim, pools.sink, pools.recent)
+    if settings:
+        cfg = dataclasses.replace(cfg, **settings)
+    heads, blk = cfg.heads, cfg.block
+    if heads & (heads - 1) or blk & (blk - 1) or heads * blk < 16:
+        raise ValueError(f"decode_step_v2: heads and block must be powers of two, heads * block >= 16: {cfg}")
+    group_p2 = _next_pow2(group)
+    progs = -(-num_ring // heads) if num_ring else 1
+    paged_per = -(-num_paged // progs) if num_paged else 0
+    _slot_decode_step_kernel[(num_tokens * progs,)](
+        q, k, v, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        kc, vc, kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+        sm, bs, ps, num_paged, paged_per, qf, qf.stride(0), qf.stride(1),
+        rk, rv, rk.stride(0), rk.stride(1), rs, num_ring, progs,
+        rows.query_start_loc, rows.seq_lens, rows.slot_ids, rows.num_rows, scale * _LOG2E, ks, vs,
+        SINK=pools.sink, RECENT=pools.recent, GROUP=group, GROUP_P2=group_p2,
+        HEAD_DIM=head_dim, DIM_PAD=max(16, _next_pow2(head_dim)), HEADS=heads, ROWS=max(16, heads * group_p2),
+        BLK=blk, NUM_STAGES=cfg.num_stages, PAGED_BLK=_next_pow2(max(paged_per, 1)),
+        HAS_PAGED=num_paged > 0, HAS_RING=num_ring > 0, GATHER_Q=gather,
+        DOT_F32=_interpreting(), PAGED_FP8=paged_fp8, RING_FP8=ring_fp8, num_warps=cfg.num_warps,
+    )
+
+
+def _decode_step_v1(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    q_full: torch.Tensor | None,
+    rows: StepRows,
+    pools: LayerPools,
+    scale: float,
+) -> None:
+    """``decode_step`` with the earlier ``_decode_step_kernel``: grid (T, P + R), one program per
+    token and paged head or ring head (the ring attention in three 32-row blocks)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    kc, vc, sm, ps, bs, num_paged = _paged_args(k, rows, pools)
+    rk, rv, rs, num_ring = _ring_args(k, pools)
+    _, qf, _, gather = _gather_args(k, q, q_full)
+    group = num_q_heads // k.shape[1]
+    if num_tokens == 0 or num_paged + num_ring == 0:
+        return
+    _check_decode_inputs(q, k, v, out)
     ks, vs, paged_fp8, ring_fp8 = _fp8_args(k, pools, paged=num_paged > 0, ring=num_ring > 0)
     _decode_step_kernel[(num_tokens, num_paged + num_ring)](
         q, k, v, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

@@ -153,3 +153,91 @@ def check_writes_and_gather(kernels: Any, decode_fn: DecodeFn | None, block_size
         else:
             assert torch.equal(raw(rk[row]), raw(ring_k[row])) and torch.equal(raw(rv[row]), raw(ring_v[row])), \
                 f"ring row {row} written"
+
+
+def check_decode_batch(decode_fn: DecodeFn, group: int, num_ring: int, head_dim: int, sink: int, recent: int,
+                       seed: int, device: str, kv_dtype: torch.dtype | None = None) -> None:
+    """One decode batch straight from a filled ring: rows at every state of the window (shorter
+    than the sink, at its edges, wrapped many times), a padding row and padding tokens, permuted
+    ring slots, ring heads at random KV heads in random order among full heads.
+
+    Each ring row holds what earlier steps stored (kv_dtype fp8: quantised with random scales),
+    every row no query may read is NaN. The outputs must match the oracle on the keys the kernel
+    sees (earlier positions as the ring returns them, the current one from k/v) within 1e-5;
+    the token's key/value must land in its ring row and nothing else may move."""
+    from rlkv_vllm.core.plan import ring_index
+    from rlkv_vllm.core.reference import oracle_attention
+    from rlkv_vllm.ops.torch_stream import dequantize_kv, quantize_kv
+
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    c = sink + recent
+    lens = sorted({1, max(1, sink - 1), sink + 1, c - 1, c, rng.randint(c + 1, 5 * c)})
+    rng.shuffle(lens)
+    n_real = len(lens)
+    seq_lens = lens + [0]  # and a padding row
+    num_tokens = n_real + 2  # and two padding tokens
+    num_slots = n_real + 3
+    slots = rng.sample(range(num_slots), n_real) + [num_slots]
+    extra = rng.randint(0, 2)
+    total = num_ring + extra
+    ring_src = rng.sample(range(total), num_ring)
+    fp8 = kv_dtype is not None
+    k_scale = torch.tensor(rng.uniform(0.2, 2.0)) if fp8 else None
+    v_scale = torch.tensor(rng.uniform(0.2, 2.0)) if fp8 else None
+    ring_dtype = kv_dtype or torch.float32
+    ring_k = torch.full(((num_slots + 1) * c, num_ring, head_dim), float("nan")).to(ring_dtype)
+    ring_v = ring_k.clone()
+    q = torch.randn(num_tokens, total * group, head_dim, generator=gen)
+    k = torch.randn(num_tokens, total, head_dim, generator=gen)
+    v = torch.randn(num_tokens, total, head_dim, generator=gen)
+    scale = head_dim**-0.5
+    refs = []
+    for r, n in enumerate(lens):
+        kh = torch.randn(n, num_ring, head_dim, generator=gen)
+        vh = torch.randn(n, num_ring, head_dim, generator=gen)
+        kh[-1], vh[-1] = k[r, ring_src], v[r, ring_src]  # this step's token
+        pos = torch.arange(n - 1)
+        seen = (pos < sink) | (pos >= n - recent)  # the earlier positions the window reads
+        rows = slots[r] * c + ring_index(pos[seen], sink, recent)
+        if fp8:
+            ring_k[rows] = quantize_kv(kh[:-1][seen], k_scale, kv_dtype)
+            ring_v[rows] = quantize_kv(vh[:-1][seen], v_scale, kv_dtype)
+            # the keys the kernel sees: earlier ones read back from the ring, its own from k/v
+            kh[:-1][seen] = dequantize_kv(ring_k[rows], k_scale)
+            vh[:-1][seen] = dequantize_kv(ring_v[rows], v_scale)
+        else:
+            ring_k[rows], ring_v[rows] = kh[:-1][seen], vh[:-1][seen]
+        qh = q[r].view(total, group, head_dim)[ring_src].reshape(1, num_ring * group, head_dim)
+        refs.append(oracle_attention(qh, kh, vh, scale=scale, full_heads=torch.zeros(num_ring, dtype=torch.bool),
+                                     sink=sink, recent=recent)[0])
+    before_k, before_v = ring_k.clone(), ring_v.clone()
+    dev = lambda x: x.to(device)  # noqa: E731
+    qsl = torch.tensor(list(range(n_real + 1)) + [n_real], dtype=torch.int32)
+    rows_ = StepRows(dev(qsl), dev(torch.tensor(seq_lens, dtype=torch.int32)),
+                     dev(torch.tensor(slots, dtype=torch.int32)), max_query_len=1)
+    ring_k_d, ring_v_d = dev(ring_k), dev(ring_v)
+    pools = LayerPools(sink=sink, recent=recent, ring_k=ring_k_d, ring_v=ring_v_d,
+                       ring_src=dev(torch.tensor(ring_src, dtype=torch.int32)),
+                       k_scale=dev(k_scale) if fp8 else None, v_scale=dev(v_scale) if fp8 else None)
+    out = torch.full_like(q, float("nan"), device=device)
+    decode_fn(dev(q), dev(k), dev(v), out, None, rows_, pools, scale)
+    o = out.cpu().view(num_tokens, total, group, head_dim)
+    others = [h for h in range(total) if h not in ring_src]
+    assert torch.isnan(o[:, others]).all(), f"seed {seed}: wrote a head it does not own"
+    assert (o[n_real:, ring_src] == 0).all(), f"seed {seed}: padding tokens must get zeros"
+    for r, n in enumerate(lens):
+        got = o[r, ring_src].reshape(num_ring * group, head_dim).double()
+        err = float((got - refs[r].double()).norm() / refs[r].double().norm())
+        assert err < 1e-5, f"seed {seed}: row {r} (seq_len {n}): rel err {err}"
+    # the ring: each real row's token at its ring row, everything else as it was
+    want_k, want_v = before_k, before_v
+    for r, n in enumerate(lens):
+        row = slots[r] * c + int(ring_index(torch.tensor(n - 1), sink, recent))
+        kk, vv = k[r, ring_src], v[r, ring_src]
+        want_k[row] = quantize_kv(kk, k_scale, kv_dtype) if fp8 else kk
+        want_v[row] = quantize_kv(vv, v_scale, kv_dtype) if fp8 else vv
+    for name, got, want in (("ring_k", ring_k_d.cpu(), want_k), ("ring_v", ring_v_d.cpu(), want_v)):
+        same = (got.view(torch.uint8) == want.view(torch.uint8)).all(-1).all(-1)
+        bad = same.logical_not().nonzero().flatten()[:8].tolist()
+        assert bool(same.all()), f"seed {seed}: {name} rows differ: {bad}"
