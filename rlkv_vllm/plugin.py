@@ -7,6 +7,8 @@ soon as vLLM builds it, so a bad setting stops the start with one line.
 
 from __future__ import annotations
 
+import os
+
 import sys
 from typing import Any
 
@@ -72,6 +74,13 @@ def check_engine_config(vllm_config: Any) -> None:
             "rlkv.kernel = 'triton' is not allowed on the CPU platform: the Triton kernels "
             "need a CUDA device; allowed here: auto, torch"
         )
+    variant = os.environ.get("RLKV_DECODE_STEP_VARIANT")
+    if variant is not None:  # a benchmark knob (ops.triton_stream): refuse a typo here, not in a worker
+        from .ops.triton_stream import DECODE_STEP_VARIANTS
+
+        if variant not in DECODE_STEP_VARIANTS:
+            raise RLKVConfigError(f"RLKV_DECODE_STEP_VARIANT = {variant!r} is not allowed: one of "
+                                  f"{', '.join(DECODE_STEP_VARIANTS)}")
     if plan.settings.decode_kernel == "cuda":
         from .ops.pools import decode_kernel_problem
 

@@ -346,3 +346,9 @@ def test_ring_slots_from_the_budget_cap_the_scheduler(tiny_model, good_pattern, 
     assert line.startswith("INFO RLKV ring slots 3 of max_num_seqs 16, from budget: the KV budget holds 3 "
                            "requests of 512 tokens"), line
     assert "vLLM runs at most 3 requests at once" in line
+
+
+def test_decode_step_variant_typo(tiny_model, good_pattern, monkeypatch):
+    monkeypatch.setenv("RLKV_DECODE_STEP_VARIANT", "v3")
+    msg = refused(tiny_model, {"heads": good_pattern})
+    assert msg == "RLKV_DECODE_STEP_VARIANT = 'v3' is not allowed: one of v2, v1"
