@@ -246,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             print(f"plot_study.py: error: {problem}", file=sys.stderr)
             return 2
-        plot_grid(studies).savefig(a.out, dpi=110)
+        fig = plot_grid(studies)
+        fig.savefig(a.out, dpi=110)
+        plt.close(fig)  # main() runs once per file in the tests: pyplot keeps every open figure
         print(f"wrote {os.path.relpath(a.out)}")
         return 0
     if len(a.study_json) > 1:
@@ -262,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     fig = PLOTTERS[kind](d)
     out = a.out or os.path.splitext(a.study_json[0])[0] + ".png"
     fig.savefig(out, dpi=110)
+    plt.close(fig)
     print(f"wrote {os.path.relpath(out)}")
     return 0
 
