@@ -155,22 +155,24 @@ class RLKVRuntime:
 
     def slot_ids_for_batch(self, num_reqs: int) -> list[int]:
         """Ring slot per batch row; dummy batches all use the scratch slot."""
-        return self._slots_for(num_reqs, compat.RUNNER_HOOKS.batch_req_ids(num_reqs))
+        return self._slot_rows(num_reqs, compat.RUNNER_HOOKS.batch_req_ids(num_reqs)).tolist()
 
-    def _slots_for(self, num_reqs: int, ids: list[str] | None) -> list[int]:
-        scratch = self.plan.num_slots
-        if ids is None:
-            return [scratch] * num_reqs
-        alive = compat.RUNNER_HOOKS.request_alive()
-        return self.slots.assign(ids, alive=alive) + [scratch] * (num_reqs - len(ids))
+    def _slot_rows(self, num_reqs: int, ids: list[str] | None) -> np.ndarray:
+        """int32 ``[num_reqs]``: each real row's slot, the scratch slot for padded or dummy rows."""
+        rows = np.full(num_reqs, self.plan.num_slots, dtype=np.int32)
+        if ids is not None:
+            self.slots.assign_rows(ids, alive=compat.RUNNER_HOOKS.request_alive(), out=rows)
+        return rows
 
     def slot_ids_on_device(self, num_reqs: int) -> torch.Tensor:
         """This step's ring slot per batch row, in a persistent device buffer (CUDA graphs
         capture its address). Returns a view of its first ``num_reqs`` entries.
 
-        Host work in proportion to what changed: a decode step whose rows are the same requests in the
-        same order as the last written batch, with no slot released since (``on_step``), finds the buffer
-        already right and costs one list comparison; any other batch assigns and copies every row."""
+        Host work in proportion to what changed (benchmarks/host_step.py): a decode step whose rows are
+        the same requests in the same order as the last written batch, with no slot released since
+        (``on_step``), finds the buffer already right and costs one list comparison; any other batch
+        maps its rows to slots in one C-level pass (only new requests take the Python path,
+        ``SlotManager.assign_rows``) and copies ``num_reqs`` int32 to the device."""
         if num_reqs > self.slot_buffer.shape[0]:
             raise RuntimeError(f"batch of {num_reqs} rows exceeds the ring slot buffer")
         buf = self.slot_buffer[:num_reqs]
@@ -178,10 +180,9 @@ class RLKVRuntime:
         if ids is not None and self._slots_written is not None and self._slots_written == (num_reqs, ids):
             self.slot_rows_reused += 1
             return buf
-        slots = self._slots_for(num_reqs, ids)
+        host = torch.from_numpy(self._slot_rows(num_reqs, ids))
         self._slots_written = None if ids is None else (num_reqs, ids)
         self.slot_rows_written += 1
-        host = torch.tensor(slots, dtype=torch.int32)
         if buf.is_cuda:
             # from pageable memory CUDA synchronises the stream before the copy; a pinned block
             # from the caching host allocator is truly async and not reused before its copy ran
