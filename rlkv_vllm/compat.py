@@ -65,7 +65,8 @@ What moves between releases and how it is handled:
   view every fp8 name so, fp8_e5m2 included, in 0.26), the CPU kernels' fp8 rules (head size a
   multiple of 32, AVX-512 or AMX), and ``supports_quant_query_input``: RLKV keeps the stock answer
   only on the FlashAttention base with fp8/fp8_e4m3 (FA3's fp8 kernel takes fp8 queries with
-  ``q_descale = _q_scale``; ``query_quant_applies``, ``dequantize_query`` gives the ring its
+  ``q_descale = _q_scale``; ``query_quant_applies``; ``query_scale`` for the ring heads, whose
+  decode kernel dequantises them itself and whose prefill gets ``ops.pools.dequantize_query``'s
   model-dtype copy) and turns it off elsewhere (0.26's layer asserts e4m3 once it quantises).
 - logs: the plugin logs through a child of vLLM's logger; on CPU the platform's
   misleading "Cannot use CUSTOM backend on CPU" line is replaced by what really runs.
@@ -441,15 +442,10 @@ def query_quant_applies(kv_cache_dtype: str | None) -> bool:
     return str(kv_cache_dtype or "auto") in ("fp8", "fp8_e4m3")
 
 
-def dequantize_query(layer: Any, q: Any, dtype: Any) -> Any:
-    """The model-dtype queries from the fp8 ones vLLM's layer made (``query_quant`` with the layer's static
-    ``_q_scale``, a [] or per-KV-head float32 device tensor): ``q * _q_scale``. q: [T, H, D]."""
-    scale = layer._q_scale
-    if scale.numel() > 1:  # per KV head: [H_kv] -> one factor per query head
-        scale = scale.repeat_interleave(q.shape[1] // scale.numel()).view(1, -1, 1)
-    # fp8 -> fp16/bf16/fp32 is exact, and the in-place multiply rounds its float32 product once: the same
-    # values as (q.float() * scale).to(dtype), in two kernels instead of three
-    return q.to(dtype).mul_(scale)
+def query_scale(layer: Any) -> Any:
+    """The static query scale vLLM's layer quantised its queries with (``query_quant`` with ``_q_scale``):
+    a float32 device tensor, [] or [H_kv] (``ops.pools.dequantize_query`` gives the model-dtype queries)."""
+    return layer._q_scale
 
 
 def paged_fp8_dtype() -> Any:

@@ -27,7 +27,7 @@ import torch
 from .. import compat
 from ..core.plan import is_fp8
 from ..core.settings import RLKVConfigError
-from ..ops.pools import FullHeadInputs, HeadSplit, StreamingPool, gather_heads, head_split
+from ..ops.pools import FullHeadInputs, HeadSplit, StreamingPool, dequantize_query, gather_heads, head_split
 from ..ops.views import LayerPools, StepRows
 from ..runtime import RLKVRuntime, runtime_for
 
@@ -238,15 +238,21 @@ class RLKVImplMixin:
         md: RLKVMetadata = attn_metadata
         n = md.num_actual_tokens
         q, k, v, out = query[:n], key[:n], value[:n], output[:n]
-        q_fp8 = None
+        q_fp8 = q_scale = None
         if q.dtype != out.dtype:  # vLLM quantised the queries (supports_quant_query_input): FA3 fp8
-            q_fp8, q = q, compat.dequantize_query(layer, q, out.dtype)  # the ring attends in the model dtype
+            q_scale = compat.query_scale(layer)
+            if not (self.rlkv_runtime.serve and self._pool.takes_fp8_queries(md.rows, q_scale,
+                                                                            self._split.num_kv_heads)):
+                # the ring attends in the model dtype: a copy, the fp8 ones kept for FA3
+                q_fp8, q, q_scale = q, dequantize_query(q, q_scale, out.dtype), None
         if self._rlkv_writes_in_forward and not self._pool.writes_paged:
             # vLLM will not call do_kv_cache_update, and this pool does not store paged heads
             self._write_paged(layer, k, v, kv_cache, md.rows.slot_mapping[:n])
         pools = self._layer_pools(layer, kv_cache)
         if self.rlkv_runtime.serve:
-            full_inputs = self._pool.serve(self._split, q, k, v, out, md.rows, pools, md.step_plan, self.scale)
+            # q_scale set: the pool takes the fp8 queries as they are (its full inputs hold them)
+            full_inputs = self._pool.serve(self._split, q, k, v, out, md.rows, pools, md.step_plan, self.scale,
+                                           q_scale=q_scale)
             if full_inputs is not None:
                 if q_fp8 is not None:
                     # FA3 takes the fp8 queries themselves (the pool sliced or gathered its own from the copy)

@@ -119,6 +119,16 @@ def gather_heads(x: torch.Tensor, idx: torch.Tensor, split: HeadSplit) -> torch.
     return y
 
 
+def dequantize_query(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Model-dtype queries from vLLM's fp8 ones: ``q * scale`` rounded once to ``dtype``.
+    q: [T, Hq, D] fp8; scale: float32 [] or [Hkv] (per KV head: one factor per query head)."""
+    if scale.numel() > 1:
+        scale = scale.repeat_interleave(q.shape[1] // scale.numel()).view(1, -1, 1)
+    # fp8 -> fp16/bf16/fp32 is exact, and the in-place multiply rounds its float32 product once: the same
+    # values as (q.float() * scale).to(dtype), in two kernels instead of three
+    return q.to(dtype).mul_(scale)
+
+
 @dataclass(frozen=True)
 class FullHeadInputs:
     """q, k, v for the stock kernel on a layer's paged heads: [T, paged_slots * G, D] and
@@ -143,11 +153,18 @@ class StreamingPool:
         return None
 
     def serve(self, split: HeadSplit, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-              rows: StepRows, pools: LayerPools, step_plan: Any, scale: float) -> FullHeadInputs | None:
+              rows: StepRows, pools: LayerPools, step_plan: Any, scale: float,
+              q_scale: torch.Tensor | None = None) -> FullHeadInputs | None:
         """Serve mode: the streaming heads' output into ``out`` and the pools' writes; returns
         the full heads' inputs for the stock kernel (None: the layer has no full head).
-        q, out: [T, Hq, D]; k, v: [T, Hkv, D]."""
+        q, out: [T, Hq, D]; k, v: [T, Hkv, D]. q_scale: only where ``takes_fp8_queries`` said yes,
+        with q the fp8 queries vLLM made (the full heads' inputs then hold them as they are)."""
         raise NotImplementedError
+
+    def takes_fp8_queries(self, rows: StepRows, q_scale: torch.Tensor, num_kv_heads: int) -> bool:
+        """Whether ``serve`` takes this step's fp8 queries as they are (else the caller hands it
+        ``dequantize_query``'s model-dtype ones). q_scale: float32 [] or [Hkv]."""
+        return False
 
     def gated_stream(self, split: HeadSplit, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      rows: StepRows, pools: LayerPools, step_plan: Any, scale: float) -> torch.Tensor:
@@ -170,7 +187,8 @@ class TorchPool(StreamingPool):
         return build_stream_plan(rows.query_start_loc, rows.seq_lens, rows.slot_ids, num_tokens, sink, recent,
                                  scratch_slot)
 
-    def serve(self, split, q, k, v, out, rows, pools, step_plan, scale):  # type: ignore[no-untyped-def]
+    def serve(self, split, q, k, v, out, rows, pools, step_plan, scale, q_scale=None):  # type: ignore[no-untyped-def]
+        assert q_scale is None, "the torch pool takes model-dtype queries"
         if split.n_stream:
             t, g, d = q.shape[0], split.group, q.shape[-1]
             if split.contiguous:  # streaming heads last: slices
@@ -215,14 +233,26 @@ class TritonPool(StreamingPool):
         self.decode = decode
         self._decode_step = DECODE_STEPS[decode]
 
-    def serve(self, split, q, k, v, out, rows, pools, step_plan, scale):  # type: ignore[no-untyped-def]
-        # the stock kernel's input: the full heads' queries, gathered by our write kernel
+    def takes_fp8_queries(self, rows, q_scale, num_kv_heads):  # type: ignore[no-untyped-def]
+        # decode steps of the Triton decode_step v2: the ring heads' queries dequantized in registers,
+        # the paged heads' gathered as fp8 (no dequantize_query kernels); prefill chunks and the
+        # CUDA decode kernel take model-dtype queries
+        return (self.decode == "triton" and rows.max_query_len == 1 and triton_stream.takes_fp8_queries()
+                and q_scale.numel() in (1, num_kv_heads))
+
+    def serve(self, split, q, k, v, out, rows, pools, step_plan, scale, q_scale=None):  # type: ignore[no-untyped-def]
+        # the stock kernel's input: the full heads' queries, gathered by our write kernel (fp8
+        # queries: q_full is fp8 too)
         q_full = None
         if split.n_full and not split.all_full:
             q_full = q.new_empty(q.shape[0], split.paged_slots * split.group, q.shape[-1])
         if rows.max_query_len == 1:
-            self._decode_step(q, k, v, out, q_full, rows, pools, scale)
+            if q_scale is None:
+                self._decode_step(q, k, v, out, q_full, rows, pools, scale)
+            else:
+                self._decode_step(q, k, v, out, q_full, rows, pools, scale, q_scale=q_scale)
         else:
+            assert q_scale is None, "prefill chunks take model-dtype queries (takes_fp8_queries)"
             # ring reads first: a chunk longer than the window would otherwise overwrite
             # ring keys its own earlier queries still read
             if split.n_stream:

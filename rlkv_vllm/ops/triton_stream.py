@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.plan import is_fp8
 from .views import LayerPools, StepRows
 
 try:  # the package must import without Triton (e.g. a CPU-only install of another build)
@@ -506,12 +507,13 @@ if HAVE_TRITON:
         kc_ptr, vc_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
         slot_mapping_ptr, block_size, paged_src_ptr, num_paged, paged_per, qf_ptr, stride_qft, stride_qfh,
         ring_k_ptr, ring_v_ptr, stride_rr, stride_rh, ring_src_ptr, num_ring, progs,
-        qsl_ptr, seq_lens_ptr, slot_ptr, num_rows, scale_log2, k_scale_ptr, v_scale_ptr,
+        qsl_ptr, seq_lens_ptr, slot_ptr, num_rows, scale_log2, k_scale_ptr, v_scale_ptr, q_scale_ptr,
         SINK: tl.constexpr, RECENT: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
         HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, HEADS: tl.constexpr, ROWS: tl.constexpr,
         BLK: tl.constexpr, NUM_STAGES: tl.constexpr, PAGED_BLK: tl.constexpr,
         HAS_PAGED: tl.constexpr, HAS_RING: tl.constexpr, GATHER_Q: tl.constexpr,
         DOT_F32: tl.constexpr, PAGED_FP8: tl.constexpr, RING_FP8: tl.constexpr,
+        Q_FP8: tl.constexpr, Q_SCALE_PER_HEAD: tl.constexpr,
     ):
         # program pid: token pid // progs, head group pid % progs (a token's programs are
         # neighbours, so the reads of one ring slot are issued together)
@@ -549,6 +551,14 @@ if HAVE_TRITON:
             q_rows = kv_r * GROUP + r % GROUP_P2
             rm = r_real[:, None] & d_ok[None, :]
             q = tl.load(q_ptr + t * stride_qt + q_rows[:, None] * stride_qh + d[None, :], mask=rm, other=0.0)
+            if Q_FP8:
+                # vLLM's fp8 queries (FA3 reads them for the paged heads): the ring heads' own in the
+                # model dtype, q * _q_scale rounded once, the values dequantize_query gives
+                if Q_SCALE_PER_HEAD:
+                    q_s = tl.load(q_scale_ptr + kv_r, mask=r_ok, other=1.0).to(tl.float32)[:, None]
+                else:
+                    q_s = tl.load(q_scale_ptr).to(tl.float32)
+                q = (q.to(tl.float32) * q_s).to(out_ptr.dtype.element_ty)
             # position pos itself: this step's key/value, gathered per query row
             k_self = tl.load(k_ptr + t * stride_kt + kv_r[:, None] * stride_kh + d[None, :], mask=rm, other=0.0)
             v_self = tl.load(v_ptr + t * stride_vt + kv_r[:, None] * stride_vh + d[None, :], mask=rm, other=0.0)
@@ -738,6 +748,7 @@ def decode_step(
     scale: float,
     *,
     variant: str | None = None,
+    q_scale: torch.Tensor | None = None,
 ) -> None:
     """One launch for a batch with at most one query token per row (decode; max_query_len 1).
 
@@ -748,14 +759,23 @@ def decode_step(
     Only valid when every row has at most one query token: the caller checks
     ``max_query_len == 1`` on the host (a CUDA graph captured that way is replayed only for
     such batches). ``variant``: one of ``DECODE_STEP_VARIANTS`` (None: ``DECODE_STEP_VARIANT``).
+    fp8 queries with their ``q_scale``: v2 only (``takes_fp8_queries``), as in ``decode_step_v2``.
     """
     variant = variant or DECODE_STEP_VARIANT
     if variant == "v2":
-        decode_step_v2(q, k, v, out, q_full, rows, pools, scale)
+        decode_step_v2(q, k, v, out, q_full, rows, pools, scale, q_scale=q_scale)
     elif variant == "v1":
+        if is_fp8(q.dtype):
+            raise ValueError("decode_step v1 takes model-dtype queries: dequantize fp8 ones first")
         _decode_step_v1(q, k, v, out, q_full, rows, pools, scale)
     else:
         raise ValueError(f"decode_step variant {variant!r}: expected one of {DECODE_STEP_VARIANTS}")
+
+
+def takes_fp8_queries(variant: str | None = None) -> bool:
+    """Whether ``decode_step`` (at this variant; None: ``DECODE_STEP_VARIANT``) dequantizes fp8
+    queries itself."""
+    return (variant or DECODE_STEP_VARIANT) == "v2"
 
 
 def _check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
@@ -795,6 +815,7 @@ def decode_step_v2(
     pools: LayerPools,
     scale: float,
     config: SlotConfig | None = None,
+    q_scale: torch.Tensor | None = None,
     **settings: int,
 ) -> None:
     """``decode_step`` with ``_slot_decode_step_kernel``: a 1-D grid of T x N programs, N =
@@ -802,7 +823,12 @@ def decode_step_v2(
     of token t and stores its share of the token's paged heads (ceil(P / N) of them). The window
     is read in storage order, ``block`` rows at a time, ``num_stages`` blocks in flight; the
     token's own key comes from ``k``. config / settings (SlotConfig fields): tuning knobs
-    (default: ``slot_config``)."""
+    (default: ``slot_config``).
+
+    fp8 queries (q in float8, as vLLM hands them to an FA3 fp8 layer): q_scale, float32 [] or
+    [Hkv], is vLLM's static query scale; the ring heads attend with ``q * q_scale`` in out's dtype
+    (``dequantize_query``'s values, in registers), and ``q_full``, if given, receives the paged
+    heads' fp8 queries as they are."""
     num_tokens, num_q_heads, head_dim = q.shape
     kc, vc, sm, ps, bs, num_paged = _paged_args(k, rows, pools)
     rk, rv, rs, num_ring = _ring_args(k, pools)
@@ -819,6 +845,7 @@ def decode_step_v2(
     if heads & (heads - 1) or blk & (blk - 1) or heads * blk < 16:
         raise ValueError(f"decode_step_v2: heads and block must be powers of two, heads * block >= 16: {cfg}")
     group_p2 = _next_pow2(group)
+    q_fp8, q_per_head = _query_scale_args(q, k, q_scale)
     progs = -(-num_ring // heads) if num_ring else 1
     paged_per = -(-num_paged // progs) if num_paged else 0
     _slot_decode_step_kernel[(num_tokens * progs,)](
@@ -828,12 +855,25 @@ def decode_step_v2(
         sm, bs, ps, num_paged, paged_per, qf, qf.stride(0), qf.stride(1),
         rk, rv, rk.stride(0), rk.stride(1), rs, num_ring, progs,
         rows.query_start_loc, rows.seq_lens, rows.slot_ids, rows.num_rows, scale * _LOG2E, ks, vs,
+        q_scale if q_fp8 else ks,
         SINK=pools.sink, RECENT=pools.recent, GROUP=group, GROUP_P2=group_p2,
         HEAD_DIM=head_dim, DIM_PAD=max(16, _next_pow2(head_dim)), HEADS=heads, ROWS=max(16, heads * group_p2),
         BLK=blk, NUM_STAGES=cfg.num_stages, PAGED_BLK=_next_pow2(max(paged_per, 1)),
         HAS_PAGED=num_paged > 0, HAS_RING=num_ring > 0, GATHER_Q=gather,
-        DOT_F32=_interpreting(), PAGED_FP8=paged_fp8, RING_FP8=ring_fp8, num_warps=cfg.num_warps,
+        DOT_F32=_interpreting(), PAGED_FP8=paged_fp8, RING_FP8=ring_fp8, Q_FP8=q_fp8, Q_SCALE_PER_HEAD=q_per_head,
+        num_warps=cfg.num_warps,
     )
+
+
+def _query_scale_args(q: torch.Tensor, k: torch.Tensor, q_scale: torch.Tensor | None) -> tuple[bool, bool]:
+    """(fp8 queries, a scale per KV head) for ``decode_step_v2``; raises ValueError for fp8 queries
+    without a usable scale."""
+    if not is_fp8(q.dtype):
+        return False, False
+    if q_scale is None or q_scale.numel() not in (1, k.shape[1]) or q_scale.device != q.device:
+        got = None if q_scale is None else f"{tuple(q_scale.shape)} on {q_scale.device}"
+        raise ValueError(f"fp8 queries need q_scale: [] or [{k.shape[1]}] on {q.device}, got {got}")
+    return True, q_scale.numel() > 1
 
 
 def _decode_step_v1(

@@ -32,8 +32,10 @@ def test_capacity_vs_ideal(sparsity, tiny_model, stock_capacity, tmp_path):
 
 
 def test_fp8_capacity_ratio(tiny_model, tmp_path):
-    """An fp8 KV cache: RLKV's capacity over stock fp8's is RLKV's ratio at the model dtype
-    (every paged and ring byte counts one byte per element), within this file's 3 %."""
+    """An fp8 KV cache: every paged and ring byte counts one byte per element, so RLKV's capacity
+    over stock fp8's is at least RLKV's ratio at the model dtype (more where max_num_seqs caps the
+    ring slots: the ring then takes a smaller share of the budget), each within this file's 3 % of
+    its ideal."""
     from tests.backends.test_fp8 import fp8_unavailable, model_dtype
 
     reason = fp8_unavailable()
@@ -52,5 +54,13 @@ def test_fp8_capacity_ratio(tiny_model, tmp_path):
     elem = plan_auto.stock_bytes_per_token() // plan_fp8.stock_bytes_per_token()  # 4 (fp32) or 2 (bf16)
     assert stock_fp8 == pytest.approx(elem * stock_auto, rel=0.03), (stock_fp8, stock_auto)
     assert plan_fp8.ring_slot_nbytes * elem == plan_auto.ring_slot_nbytes
-    assert rlkv_fp8 / stock_fp8 == pytest.approx(rlkv_auto / stock_auto, rel=0.03), caps
+    for kv, (stock, tokens, plan) in caps.items():  # each within 3 % of its own ideal
+        ideal = (KV_BYTES - plan.ring_nbytes) / plan.ideal_bytes_per_token()
+        assert tokens >= 0.97 * ideal, (kv, tokens, ideal)
+    # the same ring slots at a quarter / half the bytes: the ring takes less of the budget at fp8, so the
+    # ratio is at least the model dtype's, and equal where the slots grow with the budget's requests
+    auto_ratio, fp8_ratio = rlkv_auto / stock_auto, rlkv_fp8 / stock_fp8
+    assert fp8_ratio >= 0.97 * auto_ratio, caps
+    if plan_fp8.num_slots == elem * plan_auto.num_slots:
+        assert fp8_ratio == pytest.approx(auto_ratio, rel=0.03), caps
     assert rlkv_fp8 * plan_fp8.paged_bytes_per_token() + plan_fp8.ring_nbytes <= KV_BYTES

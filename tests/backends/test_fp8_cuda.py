@@ -3,8 +3,8 @@
 The yardstick is stock FLASH_ATTN with the same fp8 cache (TRITON_ATTN for fp8_e5m2, which
 FA3 does not take) against the full-attention oracle, as in test_fp8.py, whose shared
 engines and check this file reuses. RLKV's full heads run on FA3 with fp8 queries (fp8 /
-fp8_e4m3 on SM90, vLLM's layer quantising them as for stock; the ring attends a dequantised
-copy), or on TRITON_ATTN (fp8_e5m2, ``rlkv.full_kernel = triton``, no FA3); the streaming
+fp8_e4m3 on SM90, vLLM's layer quantising them as for stock; decode_step v2 dequantises the
+ring heads' own in registers, prefill chunks attend a dequantised copy), or on TRITON_ATTN (fp8_e5m2, ``rlkv.full_kernel = triton``, no FA3); the streaming
 heads on the Triton kernels (default), the PyTorch path (``rlkv.kernel = torch``) or, asked
 for, the CUDA decode kernel, which has no fp8 path and falls back to Triton's decode step
 (one log line), and under CUDA graphs.

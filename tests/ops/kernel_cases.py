@@ -14,6 +14,22 @@ from tests.stream_harness import Step
 DecodeFn = Callable[..., None]
 
 
+def fp8_queries(q: torch.Tensor, num_kv_heads: int, per: str, rng: random.Random
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """vLLM's query quantisation for an FA3 fp8 layer: (q8 e4m3 [T, Hq, D], q_scale float32 [] (per
+    "tensor") or [Hkv] (per "head"), the model-dtype queries a kernel must attend with:
+    ``q8 * q_scale`` as float32)."""
+    t, hq, d = q.shape
+    if per == "head":
+        scale = torch.tensor([rng.uniform(0.05, 0.5) for _ in range(num_kv_heads)], dtype=torch.float32)
+        per_q = scale.repeat_interleave(hq // num_kv_heads).view(1, hq, 1)
+    else:
+        scale = torch.tensor(rng.uniform(0.05, 0.5), dtype=torch.float32)
+        per_q = scale
+    q8 = (q.float() / per_q).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q8, scale, q8.float() * per_q
+
+
 def embed_stream_heads(kernels: Any, extra_full: int, rng: random.Random, sink: int, recent: int,
                        decode_fn: DecodeFn | None = None):
     """A StreamFn that runs the Triton kernels with the case's heads embedded among
@@ -49,13 +65,16 @@ def embed_stream_heads(kernels: Any, extra_full: int, rng: random.Random, sink: 
 
 
 def check_writes_and_gather(kernels: Any, decode_fn: DecodeFn | None, block_size: int, num_paged: int,
-                            num_full: int, seed: int, device: str, kv_dtype: torch.dtype | None = None) -> None:
+                            num_full: int, seed: int, device: str, kv_dtype: torch.dtype | None = None,
+                            query_scale: str | None = None) -> None:
     """Full heads land at their slot_mapping rows of a strided paged cache (padding heads
     zeroed, -1 slots skipped) and their query heads in q_full (zeros for padding heads);
     streaming heads land in their ring rows; nothing else moves.
 
     kv_dtype fp8: the paged cache and the ring are fp8 and every stored key/value must be
-    bit for bit ``quantize_kv(x, scale)`` with random per-layer scales."""
+    bit for bit ``quantize_kv(x, scale)`` with random per-layer scales.
+    query_scale ("tensor" / "head", decode only): the queries come as vLLM's fp8 ones with their
+    q_scale; q_full is fp8 and must hold the paged heads' fp8 queries byte for byte."""
     from rlkv_vllm.ops.torch_stream import quantize_kv
 
     rng = random.Random(seed)
@@ -91,6 +110,11 @@ def check_writes_and_gather(kernels: Any, decode_fn: DecodeFn | None, block_size
     k = torch.randn(t, h, d, generator=gen)
     v = torch.randn(t, h, d, generator=gen)
     q = torch.randn(t, h * group, d, generator=gen)
+    q_in, q_kw = q, {}
+    if query_scale:
+        assert decode_fn is not None, "fp8 queries are a decode_step input"
+        q_in, q_scale, q = fp8_queries(q, h, query_scale, rng)
+        q_kw = dict(q_scale=q_scale.to(device))
     perm = rng.sample(range(num_blocks * block_size), t)
     slot_mapping = torch.tensor(perm, dtype=torch.int64)
     slot_mapping[real:] = -1
@@ -113,7 +137,7 @@ def check_writes_and_gather(kernels: Any, decode_fn: DecodeFn | None, block_size
     kv_d = dev(kv)
     key_cache, value_cache = kv_d.transpose(1, 2).split(d, dim=-1)
     ring_k_d, ring_v_d = dev(ring_k), dev(ring_v)
-    q_full = torch.full((t, num_paged * group, d), float("nan"), device=device)
+    q_full = torch.full((t, num_paged * group, d), float("nan"), device=device).to(q_in.dtype)
     out = torch.full((t, h * group, d), float("nan"), device=device)
     rows = StepRows(dev(qsl), dev(seq_lens), dev(slot_ids), slot_mapping=dev(slot_mapping))
     pools = LayerPools(sink=sink, recent=recent, key_cache=key_cache, value_cache=value_cache,
@@ -122,7 +146,7 @@ def check_writes_and_gather(kernels: Any, decode_fn: DecodeFn | None, block_size
     if decode_fn is None:
         kernels.fused_kv_write(dev(k), dev(v), rows, pools, q=dev(q), q_full=q_full)
     else:
-        decode_fn(dev(q), dev(k), dev(v), out, q_full, rows, pools, d**-0.5)
+        decode_fn(dev(q_in), dev(k), dev(v), out, q_full, rows, pools, d**-0.5, **q_kw)
         o = out.cpu().view(t, h, group, d)
         assert torch.isfinite(o[:real, stream_heads]).all(), f"seed {seed}: streaming output not written"
         assert (o[real:, stream_heads] == 0).all(), f"seed {seed}: padding tokens must get zeros"
@@ -138,10 +162,10 @@ def check_writes_and_gather(kernels: Any, decode_fn: DecodeFn | None, block_size
             full = j < num_full
             want_k = k[tok, full_heads[j]] if full else torch.zeros(d)
             want_v = v[tok, full_heads[j]] if full else torch.zeros(d)
-            want_q = q.view(t, h, group, d)[tok, full_heads[j]] if full else torch.zeros(group, d)
+            want_q = q_in.view(t, h, group, d)[tok, full_heads[j]] if full else torch.zeros(group, d).to(q_in.dtype)
             assert torch.equal(raw(key_cache[b, o, j]), stored(want_k, k_scale)), f"seed {seed}: token {tok} head {j}"
             assert torch.equal(raw(value_cache[b, o, j]), stored(want_v, v_scale)), f"seed {seed}: token {tok} head {j}"
-            assert torch.equal(qf[tok, j], want_q), f"seed {seed}: gathered query, token {tok} head {j}"
+            assert torch.equal(raw(qf[tok, j]), raw(want_q)), f"seed {seed}: gathered query, token {tok} head {j}"
     if num_paged:
         assert torch.isnan(key_cache[~written].float()).all() and torch.isnan(value_cache[~written].float()).all()
     rk, rv = ring_k_d.cpu(), ring_v_d.cpu()
@@ -156,7 +180,8 @@ def check_writes_and_gather(kernels: Any, decode_fn: DecodeFn | None, block_size
 
 
 def check_decode_batch(decode_fn: DecodeFn, group: int, num_ring: int, head_dim: int, sink: int, recent: int,
-                       seed: int, device: str, kv_dtype: torch.dtype | None = None) -> None:
+                       seed: int, device: str, kv_dtype: torch.dtype | None = None,
+                       query_scale: str | None = None) -> None:
     """One decode batch straight from a filled ring: rows at every state of the window (shorter
     than the sink, at its edges, wrapped many times), a padding row and padding tokens, permuted
     ring slots, ring heads at random KV heads in random order among full heads.
@@ -164,7 +189,9 @@ def check_decode_batch(decode_fn: DecodeFn, group: int, num_ring: int, head_dim:
     Each ring row holds what earlier steps stored (kv_dtype fp8: quantised with random scales),
     every row no query may read is NaN. The outputs must match the oracle on the keys the kernel
     sees (earlier positions as the ring returns them, the current one from k/v) within 1e-5;
-    the token's key/value must land in its ring row and nothing else may move."""
+    the token's key/value must land in its ring row and nothing else may move.
+    query_scale ("tensor" / "head"): vLLM's fp8 queries with their q_scale; the oracle attends
+    with ``q8 * q_scale``."""
     from rlkv_vllm.core.plan import ring_index
     from rlkv_vllm.core.reference import oracle_attention
     from rlkv_vllm.ops.torch_stream import dequantize_kv, quantize_kv
@@ -191,6 +218,10 @@ def check_decode_batch(decode_fn: DecodeFn, group: int, num_ring: int, head_dim:
     q = torch.randn(num_tokens, total * group, head_dim, generator=gen)
     k = torch.randn(num_tokens, total, head_dim, generator=gen)
     v = torch.randn(num_tokens, total, head_dim, generator=gen)
+    q_in, q_kw = q, {}
+    if query_scale:
+        q_in, q_scale, q = fp8_queries(q, total, query_scale, rng)
+        q_kw = dict(q_scale=q_scale.to(device))
     scale = head_dim**-0.5
     refs = []
     for r, n in enumerate(lens):
@@ -221,7 +252,7 @@ def check_decode_batch(decode_fn: DecodeFn, group: int, num_ring: int, head_dim:
                        ring_src=dev(torch.tensor(ring_src, dtype=torch.int32)),
                        k_scale=dev(k_scale) if fp8 else None, v_scale=dev(v_scale) if fp8 else None)
     out = torch.full_like(q, float("nan"), device=device)
-    decode_fn(dev(q), dev(k), dev(v), out, None, rows_, pools, scale)
+    decode_fn(dev(q_in), dev(k), dev(v), out, None, rows_, pools, scale, **q_kw)
     o = out.cpu().view(num_tokens, total, group, head_dim)
     others = [h for h in range(total) if h not in ring_src]
     assert torch.isnan(o[:, others]).all(), f"seed {seed}: wrote a head it does not own"

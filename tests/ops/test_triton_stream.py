@@ -164,6 +164,37 @@ def test_writes_and_query_gather(kernels, kernel, block_size, num_paged, num_ful
     check_writes_and_gather(kernels, decode_fn, block_size, num_paged, num_full, fresh_seed(), DEVICE)
 
 
+@pytest.mark.parametrize("path", ["decode-v2", V2_MULTI_HEAD])
+@pytest.mark.parametrize("query_scale", ["tensor", "head"])
+@pytest.mark.parametrize("group,kv_dtype", [(4, None), (3, torch.float8_e4m3fn)])
+def test_decode_step_fp8_queries(kernels, path, query_scale, group, kv_dtype):
+    """vLLM's fp8 queries (FA3 with an fp8 cache), one scale or one per KV head: v2 dequantizes the
+    ring heads' queries in registers (the oracle attends with q8 * q_scale, within 1e-5) and
+    gathers the paged heads' fp8 queries into an fp8 q_full byte for byte."""
+    fn = decode_kernel(kernels, path)
+    check_decode_batch(fn, group, 3, DIMS[-1], 3, 5, fresh_seed(), DEVICE, kv_dtype=kv_dtype, query_scale=query_scale)
+    check_writes_and_gather(kernels, fn, 16, 4, 2, fresh_seed(), DEVICE, kv_dtype=kv_dtype, query_scale=query_scale)
+
+
+def test_fp8_queries_need_their_scale_and_v2(kernels):
+    """fp8 queries without a usable q_scale, or to v1, get one line saying what is allowed."""
+    from tests.ops.kernel_cases import fp8_queries
+
+    q8, scale, _ = fp8_queries(torch.randn(2, 6, 32), 2, "tensor", random.Random(0))
+    k = torch.zeros(2, 2, 32)
+    rows = kernels.StepRows(torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([1, 1], dtype=torch.int32),
+                            torch.tensor([0, 1], dtype=torch.int32), max_query_len=1)
+    pools = kernels.LayerPools(sink=1, recent=1, ring_k=torch.zeros(6, 1, 32), ring_v=torch.zeros(6, 1, 32),
+                               ring_src=torch.tensor([0], dtype=torch.int32))
+    out = torch.zeros(2, 6, 32)
+    for bad in (None, torch.ones(3)):
+        with pytest.raises(ValueError, match=r"fp8 queries need q_scale: \[\] or \[2\]"):
+            kernels.decode_step(q8, k, k, out, None, rows, pools, 1.0, variant="v2", q_scale=bad)
+    with pytest.raises(ValueError, match="v1 takes model-dtype queries"):
+        kernels.decode_step(q8, k, k, out, None, rows, pools, 1.0, variant="v1", q_scale=scale)
+    assert kernels.takes_fp8_queries("v2") and not kernels.takes_fp8_queries("v1")
+
+
 FP8 = [(torch.float8_e4m3fn, 0.05), (torch.float8_e5m2, 0.1)]  # (ring dtype, rel err vs the oracle)
 
 
