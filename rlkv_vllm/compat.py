@@ -694,10 +694,12 @@ def permute_attention_heads(model: Any) -> int:
     """Reorder, in place, every attention layer whose impl asks for it (``rlkv_head_order``):
     fused QKV rows and bias, o_proj input columns (``core.head_order``); then tell the impl.
     A layer where it is unsafe keeps the model's order (and the gather path), logged once per
-    reason. Returns the layers permuted. Runs on freshly loaded, unprocessed weights."""
-    import torch
+    reason. Returns the layers permuted. Runs on freshly loaded, unprocessed weights.
 
-    from .core.head_order import is_identity, o_col_order, qkv_row_order
+    Each reordered layer remembers its order (``_rlkv_weight_order``) and the model's later
+    in-place weight loads are guarded (``_guard_weight_reloads``): they arrive in the model's head
+    order, so the layers are put back in it first and reordered again after."""
+    from .core.head_order import is_identity
 
     Attention = attention_layer_cls()
     done = 0
@@ -718,19 +720,135 @@ def permute_attention_heads(model: Any) -> int:
                             "RLKV permute_heads: %s keeps the model's head order (gathered per step): %s",
                             mod_name or "<root>", problem)
                     continue
-                impl = attn.impl
-                hq, hkv, d = impl.num_heads, impl.num_kv_heads, impl.head_size
-                qkv, o = module.qkv_proj, module.o_proj
-                with torch.no_grad():
-                    rows = torch.tensor(qkv_row_order(order, hq, hkv, d), device=qkv.weight.device)
-                    qkv.weight.copy_(qkv.weight.index_select(0, rows))
-                    if getattr(qkv, "bias", None) is not None:
-                        qkv.bias.copy_(qkv.bias.index_select(0, rows.to(qkv.bias.device)))
-                    cols = torch.tensor(o_col_order(order, hq // hkv, d), device=o.weight.device)
-                    o.weight.copy_(o.weight.index_select(1, cols))
+                _reorder_heads(module, attn, list(order))
+                attn._rlkv_weight_order = tuple(order)
             attn.impl.rlkv_heads_permuted(attn)
             done += 1
+    if done:
+        _guard_weight_reloads(model)
     return done
+
+
+def _reorder_heads(module: Any, attn: Any, order: list[int]) -> None:
+    """Put a layer's KV heads (with their query heads) in ``order``: qkv_proj rows (and bias) and
+    o_proj input columns, in place. order[p] = the head (in the weights' current order) that
+    position p takes."""
+    import torch
+
+    from .core.head_order import o_col_order, qkv_row_order
+
+    impl = attn.impl
+    hq, hkv, d = impl.num_heads, impl.num_kv_heads, impl.head_size
+    qkv, o = module.qkv_proj, module.o_proj
+    with torch.no_grad():
+        rows = torch.tensor(qkv_row_order(order, hq, hkv, d), device=qkv.weight.device)
+        qkv.weight.copy_(qkv.weight.index_select(0, rows))
+        if getattr(qkv, "bias", None) is not None:
+            qkv.bias.copy_(qkv.bias.index_select(0, rows.to(qkv.bias.device)))
+        cols = torch.tensor(o_col_order(order, hq // hkv, d), device=o.weight.device)
+        o.weight.copy_(o.weight.index_select(1, cols))
+
+
+def _reordered_layers(model: Any) -> list[tuple[str, Any, str, Any, tuple[int, ...]]]:
+    """(module name, module, attention name, attention layer, order) of every layer
+    ``permute_attention_heads`` reordered."""
+    out = []
+    for mod_name, module in model.named_modules():
+        for attn_name, attn in module.named_children():
+            order = getattr(attn, "_rlkv_weight_order", None)
+            if order is not None:
+                out.append((mod_name, module, attn_name, attn, order))
+    return out
+
+
+class WeightReloadError(RuntimeError):
+    """An in-place weight load RLKV cannot keep consistent with its reordered heads (one line)."""
+
+
+@contextlib.contextmanager
+def model_head_order(model: Any) -> Iterator[None]:
+    """The reordered layers' weights in the model's own head order for the duration (an in-place
+    load writes them so), reordered again after, also when the load fails.
+
+    Needs each layer's plain projection weights, as at load time (on CUDA unquantized weights stay
+    so; vLLM's CPU platform packs them for its GEMM and frees them): else raises WeightReloadError,
+    before anything moved, naming the layer and the way out."""
+    from .core.head_order import inverse_order
+
+    layers = _reordered_layers(model)
+    for mod_name, module, attn_name, attn, order in layers:
+        problem = _permute_problem(module, attn_name, attn, list(order))
+        if problem is not None:
+            raise WeightReloadError(
+                f"RLKV cannot load weights in place here: rlkv.permute_heads reordered the heads of "
+                f"{mod_name or '<root>'} at start-up and its weights are no longer plain ({problem}); start "
+                f"the engine with rlkv.permute_heads = false to reload weights in place")
+    layers = [(module, attn, order) for _, module, _, attn, order in layers]
+    for module, attn, order in layers:
+        _reorder_heads(module, attn, inverse_order(order))
+    try:
+        yield
+    finally:
+        for module, attn, order in layers:
+            _reorder_heads(module, attn, list(order))
+
+
+# > 0 while a guarded in-place reload runs: its own model.load_weights call is not guarded again
+_reloading = 0
+
+
+def _guard_weight_reloads(model: Any) -> None:
+    """Loads into a model whose heads were reordered at load, after that load: its own
+    ``load_weights`` (the in-place update RL frameworks call, and vLLM 0.26's reload) runs in the
+    model's head order (``model_head_order``). vLLM 0.32's layerwise ``reload_weights`` is guarded
+    at the runner (``_guard_runner_reload``), since it moves the parameters before it loads."""
+    orig = getattr(model, "load_weights", None)
+    if orig is None or getattr(model, "_rlkv_reload_guard", False):
+        return
+
+    @functools.wraps(orig)
+    def load_weights(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if _reloading:
+            return orig(*args, **kwargs)
+        with model_head_order(model):
+            return orig(*args, **kwargs)
+
+    model.load_weights = load_weights
+    model._rlkv_reload_guard = True
+
+
+def _guard_runner_reload(Runner: type) -> None:
+    """Wrap a model runner class's ``reload_weights`` (idempotent): a checkpoint-format reload of a
+    model with reordered heads runs in the model's head order (``model_head_order``); a
+    kernel-format one copies the given tensors as they are (the engine's own layout)."""
+    orig = getattr(Runner, "reload_weights", None)
+    if orig is None or getattr(orig, "_rlkv_wrapped", False):
+        return
+    try:
+        params = list(inspect.signature(orig).parameters)
+    except (TypeError, ValueError):
+        params = []
+    fmt_pos = params.index("is_checkpoint_format") - 1 if "is_checkpoint_format" in params else None
+
+    @functools.wraps(orig)
+    def reload_weights(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        global _reloading
+        if _reloading:  # 0.26's V2 runner calls the V1 runner's reload_weights
+            return orig(self, *args, **kwargs)
+        checkpoint = kwargs.get("is_checkpoint_format",
+                                args[fmt_pos] if fmt_pos is not None and len(args) > fmt_pos else True)
+        model = self.get_model()
+        _reloading += 1
+        try:
+            if not checkpoint or not _reordered_layers(model):
+                return orig(self, *args, **kwargs)
+            with model_head_order(model):
+                return orig(self, *args, **kwargs)
+        finally:
+            _reloading -= 1
+
+    reload_weights._rlkv_wrapped = True  # type: ignore[attr-defined]
+    Runner.reload_weights = reload_weights
 
 
 def _patch_weight_loading() -> None:
@@ -743,9 +861,8 @@ def _patch_weight_loading() -> None:
     @functools.wraps(orig)
     def process_weights_after_loading(model, model_config, target_device):  # type: ignore[no-untyped-def]
         # before vLLM's own post-processing: the raw [N, K] weights are still there. Each full
-        # load brings the model's order, so each is permuted once, here. 0.32's in-place
-        # reload_weights (layerwise) does not pass through this function: not handled (serve
-        # mode only; gated engines, the ones the trainer reloads, never reorder)
+        # load brings the model's order, so each is permuted once, here; later in-place loads
+        # are guarded (_guard_weight_reloads, _guard_runner_reload)
         permuted = permute_attention_heads(model)
         if permuted:
             plugin_logger().info("RLKV permute_heads: %d attention layers serve their full heads as a contiguous "
@@ -884,6 +1001,7 @@ def _patch_runner() -> None:
             return orig_dummy(self, *args, **kwargs)
 
     Runner._dummy_run = _dummy_run
+    _guard_runner_reload(Runner)
 
     global V2_HOOKED
     V2 = v2_model_runner_cls()
@@ -891,6 +1009,8 @@ def _patch_runner() -> None:
         patch_v2_runner(V2)
         _patch_v2_warmup()
         V2_HOOKED = True
+    if V2 is not None:
+        _guard_runner_reload(V2)
 
 
 def _dummy_wrapper(orig: Callable[..., Any]) -> Callable[..., Any]:

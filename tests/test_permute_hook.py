@@ -94,3 +94,120 @@ def test_unsafe_layers_keep_the_gather_path(kw, reason, monkeypatch):
 def test_head_dim_norm_is_allowed():
     layer = FakeSelfAttn([1, 0, 2, 3], extra=D)  # a q_norm / k_norm over head_dim, shared by every head
     assert compat.permute_attention_heads(nn.ModuleList([layer])) == 1
+
+
+class FakeModel(nn.Module):
+    """A model of stand-in layers whose ``load_weights`` copies named tensors in the model's own head
+    order (as vLLM's loaders do), recording what each parameter held when the load began."""
+
+    def __init__(self, orders):
+        super().__init__()
+        self.layers = nn.ModuleList([FakeSelfAttn(o) for o in orders])
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def load_weights(self, weights):
+        params = dict(self.named_parameters())
+        self.seen = {n: p.detach().clone() for n, p in params.items()}
+        loaded = set()
+        with torch.no_grad():
+            for name, value in weights:
+                if name == "fail":
+                    raise RuntimeError("a load that fails half way")
+                params[name].copy_(value)
+                loaded.add(name)
+        return loaded
+
+
+class FakeRunner:
+    def __init__(self, model):
+        self.model = model
+
+    def get_model(self):
+        return self.model
+
+    def reload_weights(self, weights_iterator=None, weights_path=None, is_checkpoint_format=True):
+        if is_checkpoint_format:
+            return self.model.load_weights(weights_iterator)
+        with torch.no_grad():
+            params = dict(self.model.named_parameters())
+            for name, value in weights_iterator:
+                params[name].copy_(value)
+
+
+ORDERS = ([3, 0, 1, 2], [0, 1, 2, 3], [2, 3, 0, 1])  # the middle one needs no reordering
+
+
+def _permuted(orders, state):
+    """``state`` (model-order tensors by name) as permute_attention_heads would leave it."""
+    out = dict(state)
+    for i, order in enumerate(orders):
+        p = f"layers.{i}."
+        rows, cols = qkv_row_order(order, HQ, HKV, D), o_col_order(order, HQ // HKV, D)
+        out[p + "qkv_proj.weight"] = state[p + "qkv_proj.weight"][rows]
+        out[p + "qkv_proj.bias"] = state[p + "qkv_proj.bias"][rows]
+        out[p + "o_proj.weight"] = state[p + "o_proj.weight"][:, cols]
+    return out
+
+
+def _model_and_update():
+    torch.manual_seed(0)
+    model = FakeModel(ORDERS)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert compat.permute_attention_heads(model) == 3
+    # a partial update in the model's order: layer 0's qkv weight and layer 2's o_proj
+    update = {"layers.0.qkv_proj.weight": torch.randn((HQ + 2 * HKV) * D, HIDDEN),
+              "layers.2.o_proj.weight": torch.randn(HIDDEN, HQ * D)}
+    return model, original, update
+
+
+def _state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_a_later_load_weights_runs_in_the_model_order_and_is_reordered_after():
+    model, original, update = _model_and_update()
+    model.load_weights(iter(update.items()))
+    for name, value in original.items():  # the loader saw the model's order
+        assert torch.equal(model.seen[name], value), name
+    want = _permuted(ORDERS, {**original, **update})
+    for name, value in _state(model).items():
+        assert torch.equal(value, want[name]), name
+    with pytest.raises(RuntimeError, match="half way"):  # a failed load leaves the layout consistent
+        model.load_weights(iter([("layers.0.o_proj.weight", torch.zeros(HIDDEN, HQ * D)), ("fail", None)]))
+    want["layers.0.o_proj.weight"] = torch.zeros(HIDDEN, HQ * D)
+    for name, value in _state(model).items():
+        assert torch.equal(value, want[name]), name
+
+
+def test_the_runner_reload_is_guarded_once_and_kernel_format_copied_as_given():
+    model, original, update = _model_and_update()
+
+    class Runner(FakeRunner):
+        pass
+
+    compat._guard_runner_reload(Runner)
+    compat._guard_runner_reload(Runner)  # idempotent
+    runner = Runner(model)
+    runner.reload_weights(iter(update.items()))  # checkpoint format: through model.load_weights, reordered once
+    want = _permuted(ORDERS, {**original, **update})
+    for name, value in _state(model).items():
+        assert torch.equal(value, want[name]), name
+    own = _state(model)
+    own["layers.0.qkv_proj.bias"] = torch.ones_like(own["layers.0.qkv_proj.bias"])
+    runner.reload_weights(iter(own.items()), None, False)  # kernel format: the engine's own layout
+    for name, value in _state(model).items():
+        assert torch.equal(value, own[name]), name
+
+
+def test_a_load_into_packed_weights_is_refused_before_anything_moves():
+    """vLLM's CPU platform packs unquantized weights for its GEMM and frees them: one line, no change."""
+    model, _, update = _model_and_update()
+    with torch.no_grad():
+        model.layers[2].qkv_proj.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+    before = _state(model)
+    with pytest.raises(compat.WeightReloadError) as err:
+        model.load_weights(iter(update.items()))
+    msg = str(err.value)
+    assert "\n" not in msg and "layers.2" in msg and "rlkv.permute_heads = false" in msg, msg
+    for name, value in _state(model).items():
+        assert torch.equal(value, before[name]), name

@@ -84,3 +84,69 @@ def test_auto_is_off_with_sleep_mode_and_in_gated_mode():
     assert runtime(True, sleep=True).permute_heads is True
     assert runtime(False).permute_heads is False
     assert runtime(True, serve=False).permute_heads is False
+
+
+def _reload_from_disk(worker) -> None:  # type: ignore[no-untyped-def]
+    """In the worker: the runner's in-place reload from the checkpoint (vLLM 0.32: layerwise)."""
+    worker.model_runner.reload_weights()
+
+
+def _load_weights_directly(worker) -> None:  # type: ignore[no-untyped-def]
+    """In the worker: model.load_weights with the checkpoint's tensors, as RL weight syncs do."""
+    import glob
+    import os
+
+    from safetensors.torch import load_file
+
+    model = worker.model_runner.get_model()
+    path = worker.vllm_config.model_config.model
+    weights = {}
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        weights.update(load_file(f))
+    model.load_weights(iter(weights.items()))
+
+
+def _reload_kernel_format(worker) -> None:  # type: ignore[no-untyped-def]
+    """In the worker: a kernel-format reload of the engine's own tensors (its reordered layout)."""
+    import torch
+
+    model = worker.model_runner.get_model()
+    own = [(n, p.detach().clone()) for n, p in model.named_parameters()]
+    with torch.no_grad():  # vLLM copies kernel-format tensors into the parameters as they are
+        worker.model_runner.reload_weights(weights_iterator=iter(own), is_checkpoint_format=False)
+
+
+def test_in_place_weight_reloads_keep_the_heads_reordered_or_are_refused(tiny_model, tmp_path):
+    """Weights loaded in place after start-up arrive in the model's head order. Where the layers'
+    projection weights are still plain (CUDA, unquantized) the runner's reload_weights (checkpoint
+    format) and a direct model.load_weights put the reordered layers back in the model's order
+    first and reorder them after. vLLM's CPU platform packs and frees them at load: there both
+    are refused in one line, before anything moved. A kernel-format reload is copied as given.
+    The greedy tokens stay as they were throughout (they would change if the reordered layers
+    took model-order weights)."""
+    import torch
+
+    from rlkv_vllm import compat
+
+    pattern = write_pattern(str(tmp_path / "p.json"), random_gates(4, 4, seed=11))
+    rlkv = {"heads": pattern, "selection": "explicit", "full_heads": FULL, "sink": SINK, "recent": RECENT}
+    prompts = mixed_prompts(4, seed=3, max_len=48)
+    with engine(tiny_model, rlkv) as llm:
+        assert llm.collective_rpc(_permuted_layers)[0] == [(0, True, 1), (1, True, 0), (2, True, 4), (3, True, 2)]
+        before = greedy(llm, prompts, 24)
+        for load in (_reload_from_disk, _load_weights_directly, _reload_kernel_format):
+            if torch.cuda.is_available() or load is _reload_kernel_format:
+                llm.collective_rpc(load)
+            else:
+                with pytest.raises(Exception, match=r"RLKV cannot load weights in place here: rlkv.permute_heads "
+                                                    r"reordered the heads of model\.layers\.0\.self_attn .*"
+                                                    r"rlkv.permute_heads = false") as err:
+                    llm.collective_rpc(load)
+                assert "\n" not in str(err.value).strip()
+            got = greedy(llm, prompts, 24)
+            for i, (a, b) in enumerate(zip(got, before)):
+                assert first_mismatch(a, b) is None, f"{load.__name__}: prompt {i} differs at {first_mismatch(a, b)}"
+    # the V2 runner's reload is guarded too (its engines run in a child process: tests/runner_process.py)
+    v2 = compat.v2_model_runner_cls()
+    if v2 is not None and getattr(v2, "reload_weights", None) is not None:
+        assert getattr(v2.reload_weights, "_rlkv_wrapped", False)
