@@ -19,7 +19,9 @@ and the query gather (read + write). TB/s = bytes / time.
 v2 also runs at other settings (``V2_SWEEP``: ring heads per program, window block rows,
 pipeline stages, num_warps); the best is reported next to the default
 (``triton_stream.slot_config``). Each case first checks v2 against v1 on its
-first layer: ring, paged-cache and q_full bytes equal, outputs within bf16 rounding.
+first layer: ring, paged-cache and q_full bytes equal, outputs within bf16 rounding. The e4m3
+``step`` cases also time FA3's fp8 queries (``fp8_query_case``): v2 taking them as they are
+against ``dequantize_query``'s copy first.
 
   source scripts/gpu/setup.sh && python3 scripts/gpu/decode_bench.py     # the GPU (H200)
   python3 scripts/gpu/decode_bench.py --smoke     # CPU, TRITON_INTERPRET=1, a tiny shape
@@ -279,6 +281,57 @@ def check_against_v1(layer: Layer, impls: dict[str, object]) -> dict[str, float 
     return {"max_rel_diff_vs_v1": worst, "stores_equal_v1": bool(same)}
 
 
+def fp8_query_case(layers: list[Layer], a: argparse.Namespace, device: str) -> dict:
+    """An FA3 fp8 layer's decode step: vLLM hands the backend e4m3 queries. ``v2_fp8_queries``: v2 takes
+    them with their q_scale (the ring heads' dequantised in registers, the paged heads' gathered as fp8,
+    what the backend runs); ``dequantize_then_v2``: ``ops.pools.dequantize_query``'s copy (two
+    elementwise kernels over every head) then v2 in bf16, what it ran before. Checked on the first
+    layer: the same outputs and stores, and q_full holding the fp8 queries byte for byte."""
+    from rlkv_vllm.ops import triton_stream as ts
+    from rlkv_vllm.ops.pools import dequantize_query
+
+    q_scale = torch.tensor(0.05, device=device)
+    q8 = [(l.q.float() / q_scale).clamp(-448, 448).to(torch.float8_e4m3fn) for l in layers]
+    qf8 = [torch.zeros(l.q_full.shape, dtype=torch.float8_e4m3fn, device=device) for l in layers]
+
+    def copy_path(i: int, out=None, pools=None, qf=None) -> None:
+        l = layers[i]
+        q = dequantize_query(q8[i], q_scale, l.q.dtype)
+        ts.decode_step(q, l.k, l.v, l.out if out is None else out, l.q_full if qf is None else qf, l.rows,
+                       l.pools if pools is None else pools, l.scale, variant="v2")
+
+    def fp8_path(i: int, out=None, pools=None, qf=None) -> None:
+        l = layers[i]
+        ts.decode_step(q8[i], l.k, l.v, l.out if out is None else out, qf8[i] if qf is None else qf, l.rows,
+                       l.pools if pools is None else pools, l.scale, variant="v2", q_scale=q_scale)
+
+    first = layers[0]
+    runs = []
+    for path, qf_dtype in ((copy_path, first.q.dtype), (fp8_path, torch.float8_e4m3fn)):
+        kv = first.kv_cache.clone()
+        pools = dataclasses.replace(first.pools, ring_k=first.ring_k.clone(), ring_v=first.ring_v.clone(),
+                                    key_cache=kv[0], value_cache=kv[1])
+        out = torch.full_like(first.out, float("nan"))
+        qf = torch.zeros(first.q_full.shape, dtype=qf_dtype, device=device)
+        path(0, out, pools, qf)
+        runs.append((out, [pools.ring_k, pools.ring_v, kv], qf))
+    (out_c, stored_c, _), (out_f, stored_f, qf_f) = runs
+    heads = first.pools.ring_src.tolist()
+    g = first.q.shape[1] // first.k.shape[1]
+    ring_q = torch.tensor([h * g + i for h in heads for i in range(g)], device=device)
+    paged_q = torch.tensor([h * g + i for h in first.pools.paged_src.tolist() for i in range(g)], device=device)
+    same = (torch.equal(out_c[:, ring_q].view(torch.uint8), out_f[:, ring_q].view(torch.uint8))
+            and all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(stored_c, stored_f))
+            and torch.equal(qf_f.view(torch.uint8), q8[0][:, paged_q].contiguous().view(torch.uint8)))
+    res: dict = {"same_results": bool(same)}
+    n = len(layers)
+    for name, path in (("dequantize_then_v2", copy_path), ("v2_fp8_queries", fp8_path)):
+        us = time_stack(lambda path=path: [path(i) for i in range(n)], a.iters, device, graph=not a.no_graph) / n
+        res[name] = {"us": round(us, 3)}
+    res["saved_us"] = round(res["dequantize_then_v2"]["us"] - res["v2_fp8_queries"]["us"], 3)
+    return res
+
+
 def run_case(sh: Shape, batch: int, mode: str, kv_name: str | None, a: argparse.Namespace, device: str,
              impls: dict[str, object]) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(a.seed + batch)
@@ -307,6 +360,8 @@ def run_case(sh: Shape, batch: int, mode: str, kv_name: str | None, a: argparse.
     res["best_v2"] = best
     res["speedup_v2"] = round(t["v1"]["us"] / t["v2"]["us"], 3)
     res["speedup_best_v2"] = round(t["v1"]["us"] / t[best]["us"], 3)
+    if kv_name == "e4m3" and mode == "step":
+        res["fp8_queries"] = fp8_query_case(layers, a, device)
     return res
 
 
@@ -318,6 +373,11 @@ def print_row(r: dict) -> None:
           f"{t['v2']['tb_s']:6.3f} TB/s x{r['speedup_v2']:.2f} | best {b} {t[b]['us']:.2f} us "
           f"{t[b]['tb_s']:.3f} TB/s x{r['speedup_best_v2']:.2f} | diff {r['max_rel_diff_vs_v1']:.1e} "
           f"stores {'==' if r['stores_equal_v1'] else '!='}", flush=True)
+    f = r.get("fp8_queries")
+    if f:
+        print(f"{'':>8} {'fp8 queries':>14} {r['mode']:>4} B={r['batch']:<4} | dequantize_query + v2 "
+              f"{f['dequantize_then_v2']['us']:.2f} us | v2 taking them {f['v2_fp8_queries']['us']:.2f} us | "
+              f"saved {f['saved_us']:.2f} us a layer | results {'==' if f['same_results'] else '!='}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         print_row(r)
     print(f"decode_bench: {len(results)} cases in {time.time() - t0:.0f} s", flush=True)
-    bad = [r for r in results if not r["stores_equal_v1"] or r["max_rel_diff_vs_v1"] > 2e-2]
+    bad = [r for r in results if not r["stores_equal_v1"] or r["max_rel_diff_vs_v1"] > 2e-2
+           or not r.get("fp8_queries", {}).get("same_results", True)]
     for r in bad:
         print(f"MISMATCH v2 vs v1: {r['shape']} B={r['batch']} {r['mode']} {r['kv_dtype']}: "
               f"stores equal {r['stores_equal_v1']}, max rel diff {r['max_rel_diff_vs_v1']:.2e}", flush=True)

@@ -1,6 +1,7 @@
 #!/bin/bash
 # Device side, one call (~2-4 min): the decode_step micro-benchmark, v2 (the default kernel)
-# against v1, Llama-8B and Qwen-32B shapes at batch 8/64/256/512 plus an fp8 (e4m3) case.
+# against v1, Llama-8B and Qwen-32B shapes at batch 8/64/256/512 plus an fp8 (e4m3) case, which also
+# times FA3's fp8 queries taken as they are against dequantize_query's copy first.
 # carry: [".carry/sm90", ".carry/fi", ".carry/s"]
 # prepare here: bash ../shared/gpu/prepare.sh
 # usage: bash scripts/gpu/decode_bench_call.sh [decode_bench.py args]
