@@ -372,6 +372,17 @@ def rlkv_section(vllm_config: Any) -> Any:
     return (getattr(vllm_config, "additional_config", None) or {}).get("rlkv")
 
 
+# where the front end records why the ring got its slots: the "rlkv" section it writes back carries only
+# the number (ring_slots), which the workers' plans would otherwise give as the reason
+RING_SLOTS_BY_KEY = "rlkv_ring_slots_by"
+
+
+def ring_slots_by(vllm_config: Any) -> str | None:
+    """The front end's reason for the ring's slot count (``startup.size_ring_slots``), if it decided it."""
+    value = (getattr(vllm_config, "additional_config", None) or {}).get(RING_SLOTS_BY_KEY)
+    return value if isinstance(value, str) else None
+
+
 def model_shape(vllm_config: Any) -> ModelShape:
     mc = vllm_config.model_config
     hf = mc.hf_text_config

@@ -106,9 +106,13 @@ def check_engine_config(vllm_config: Any) -> None:
     budget = getattr(cache, "kv_cache_memory_bytes", None) or None
     # no budget given: where vLLM sizes the cache after profiling, predict it for an "auto" ring
     predicted = compat.predicted_kv_budget(vllm_config) if not budget and plan.settings.ring_slots == "auto" else None
+    decided_before = compat.ring_slots_by(vllm_config) if plan.settings.ring_slots != "auto" else None
     plan = startup.size_ring_slots(vllm_config, plan, budget, predicted)
+    if decided_before is not None:  # a config this hook already decided (written back below): keep its reason
+        plan.slots_by = decided_before
     # the settings as decided (ring_slots a number), so every worker builds the same ring
-    vllm_config.additional_config = {**extra, "rlkv": plan.settings.to_dict()}
+    vllm_config.additional_config = {**extra, "rlkv": plan.settings.to_dict(),
+                                     compat.RING_SLOTS_BY_KEY: plan.slots_by}
     if budget and plan.ring_nbytes:
         if plan.ring_nbytes >= budget:
             raise RLKVConfigError(

@@ -31,7 +31,7 @@ def build_plan(vllm_config: Any, tp_rank: int | None = None) -> RLKVPlan:
     """The plan of one engine config; raises RLKVConfigError with one line."""
     tp_size, rank = compat.tp_size_rank(vllm_config)
     dtype = compat.model_dtype(vllm_config)
-    return core_build_plan(
+    plan = core_build_plan(
         parse_settings(compat.rlkv_section(vllm_config)),
         compat.model_shape(vllm_config),
         max_num_seqs=compat.max_num_seqs(vllm_config),
@@ -40,6 +40,10 @@ def build_plan(vllm_config: Any, tp_rank: int | None = None) -> RLKVPlan:
         tp_rank=rank if tp_rank is None else tp_rank,
         kv_dtype=kv_dtype_of(vllm_config, dtype),
     )
+    by = compat.ring_slots_by(vllm_config)  # the workers see the number the front end decided, not why
+    if by is not None:
+        plan.slots_by = by
+    return plan
 
 
 def kv_dtype_of(vllm_config: Any, dtype: torch.dtype) -> torch.dtype:
