@@ -693,6 +693,10 @@ def _permute_problem(module: Any, attn_name: str, attn: Any, order: list[int]) -
         return "projection weights not of the [(Hq + 2 Hkv) * D, hidden] / [hidden, Hq * D] layout"
     if getattr(attn, "sinks", None) is not None or getattr(impl, "sinks", None) is not None:
         return "per-head attention sinks"
+    for name in ("_q_scale", "_k_scale", "_v_scale"):  # indexed by the model's heads, not the reordered ones
+        scale = getattr(attn, name, None)
+        if scale is not None and getattr(scale, "numel", lambda: 1)() > 1:
+            return f"per-head {name.strip('_')} ({scale.numel()} values)"
     for name, p in module.named_parameters():
         if name.startswith(("qkv_proj.", "o_proj.", attn_name + ".", "rotary_emb.")):
             continue

@@ -91,6 +91,26 @@ def test_unsafe_layers_keep_the_gather_path(kw, reason, monkeypatch):
     assert len(said) == 1 and reason in said[0], said  # once per reason
 
 
+def test_per_head_attention_scales_keep_the_model_order(monkeypatch):
+    """Per-KV-head q/k/v scales (fp8 checkpoints) are indexed by the model's heads: such a layer is not
+    reordered; per-tensor scales are fine."""
+    said = []
+
+    class Logger:
+        def warning(self, msg, *args):
+            said.append(msg % args)
+
+    monkeypatch.setattr(compat, "plugin_logger", lambda: Logger())
+    per_head, per_tensor = FakeSelfAttn([1, 0, 2, 3]), FakeSelfAttn([1, 0, 2, 3])
+    per_head.attn._k_scale = torch.ones(HKV)
+    per_tensor.attn._q_scale, per_tensor.attn._k_scale = torch.tensor(0.5), torch.tensor(1.0)
+    w = per_head.qkv_proj.weight.clone()
+    assert compat.permute_attention_heads(nn.ModuleList([per_head, per_tensor])) == 1
+    assert torch.equal(per_head.qkv_proj.weight, w) and per_head.attn.impl.told == 0
+    assert per_tensor.attn.impl.told == 1
+    assert len(said) == 1 and "per-head k_scale (4 values)" in said[0], said
+
+
 def test_head_dim_norm_is_allowed():
     layer = FakeSelfAttn([1, 0, 2, 3], extra=D)  # a q_norm / k_norm over head_dim, shared by every head
     assert compat.permute_attention_heads(nn.ModuleList([layer])) == 1
