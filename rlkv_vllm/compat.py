@@ -694,9 +694,9 @@ def _permute_problem(module: Any, attn_name: str, attn: Any, order: list[int]) -
     if getattr(attn, "sinks", None) is not None or getattr(impl, "sinks", None) is not None:
         return "per-head attention sinks"
     for name in ("_q_scale", "_k_scale", "_v_scale"):  # indexed by the model's heads, not the reordered ones
-        scale = getattr(attn, name, None)
-        if scale is not None and getattr(scale, "numel", lambda: 1)() > 1:
-            return f"per-head {name.strip('_')} ({scale.numel()} values)"
+        numel = getattr(getattr(attn, name, None), "numel", None)
+        if numel is not None and numel() > 1:
+            return f"per-head {name.strip('_')} ({numel()} values)"
     for name, p in module.named_parameters():
         if name.startswith(("qkv_proj.", "o_proj.", attn_name + ".", "rotary_emb.")):
             continue
@@ -798,13 +798,12 @@ def model_head_order(model: Any) -> Iterator[None]:
                 f"RLKV cannot load weights in place here: rlkv.permute_heads reordered the heads of "
                 f"{mod_name or '<root>'} at start-up and its weights are no longer plain ({problem}); start "
                 f"the engine with rlkv.permute_heads = false to reload weights in place")
-    layers = [(module, attn, order) for _, module, _, attn, order in layers]
-    for module, attn, order in layers:
+    for _, module, _, attn, order in layers:
         _reorder_heads(module, attn, inverse_order(order))
     try:
         yield
     finally:
-        for module, attn, order in layers:
+        for _, module, _, attn, order in layers:
             _reorder_heads(module, attn, list(order))
 
 
